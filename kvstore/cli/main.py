@@ -1,0 +1,261 @@
+"""`kvstore` command: run a node, talk to a cluster, inspect it.
+
+Exit codes scripts can rely on: 0 ok, 1 not found, 2 usage, 3 unavailable or timed out,
+4 stale context (conditional put failed), 5 invalid argument, 6 resource exhausted,
+7 data loss, 8 not authenticated or not permitted, 9 any other error.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from kvstore import errors
+
+EXIT_CODES: dict[type[errors.KvError], int] = {
+    errors.NotFound: 1,
+    errors.Unavailable: 3,
+    errors.DeadlineExceeded: 3,
+    errors.StaleContext: 4,
+    errors.InvalidArgument: 5,
+    errors.ResourceExhausted: 6,
+    errors.DataLoss: 7,
+    errors.Unauthenticated: 8,
+    errors.PermissionDenied: 8,
+}
+EXIT_OTHER = 9
+DEFAULT_ADDRESS = "127.0.0.1:7000"
+
+
+def _add_client_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--address", "-a", default=os.environ.get("KVSTORE_ADDRESS", DEFAULT_ADDRESS),
+                   help="host:port[,host:port...] of nodes to contact (env KVSTORE_ADDRESS)")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds per request")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvstore", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    node = sub.add_parser("node", help="run a node")
+    node.add_argument("--config", type=Path, help="TOML file of NodeConfig settings")
+    node.add_argument("--profile", choices=["lan", "local", "test"], default=None)
+    node.add_argument("--data-dir", type=Path)
+    node.add_argument("--listen", help="host:port to bind (port 0: any free port)")
+    node.add_argument("--advertise", help="host:port peers and clients should dial")
+    node.add_argument("--node-id")
+    node.add_argument("--zone")
+    node.add_argument("--seeds", help="host:port,... of cluster members to join through")
+    node.add_argument("--storage", choices=["sqlite", "memory"])
+    node.add_argument("--fsync", choices=["always", "batch", "never"])
+    node.add_argument("--replication-factor", type=int)
+    node.add_argument("--test-hooks", action="store_true", default=None, help=argparse.SUPPRESS)
+    node.add_argument("--log-level", default="INFO")
+    node.add_argument("--ready-file", type=Path, help="write the advertised address here once serving")
+
+    put = sub.add_parser("put", help="store a value")
+    put.add_argument("key")
+    src = put.add_mutually_exclusive_group()
+    src.add_argument("value", nargs="?", help="the value (omit to read stdin)")
+    src.add_argument("--file", type=Path, help="read the value from a file")
+    put.add_argument("--w", default=None, help="one | quorum | all | N")
+    put.add_argument("--ttl", type=int, default=0, help="seconds until the value expires")
+    put.add_argument("--context", default="", help="hex context from a previous get")
+    put.add_argument("--if-current", action="store_true",
+                     help="fail (exit 4) unless --context is still current")
+    _add_client_args(put)
+
+    get = sub.add_parser("get", help="read a value")
+    get.add_argument("key")
+    get.add_argument("--r", default=None, help="one | quorum | all | N")
+    get.add_argument("--siblings", action="store_true", help="print every sibling, not the resolved value")
+    _add_client_args(get)
+
+    delete = sub.add_parser("delete", help="delete a key")
+    delete.add_argument("key")
+    delete.add_argument("--w", default=None)
+    delete.add_argument("--context", default="")
+    _add_client_args(delete)
+
+    status = sub.add_parser("status", help="cluster members as a node sees them")
+    status.add_argument("--all", action="store_true", help="every node's own view")
+    _add_client_args(status)
+
+    ring = sub.add_parser("ring", help="tokens and ownership")
+    _add_client_args(ring)
+
+    locate = sub.add_parser("locate", help="which nodes replicate and store a key")
+    locate.add_argument("key")
+    _add_client_args(locate)
+    return parser
+
+
+def _value_json(value: bytes) -> dict[str, str]:
+    try:
+        return {"value": value.decode("utf-8")}
+    except UnicodeDecodeError:
+        return {"value_b64": base64.b64encode(value).decode()}
+
+
+def _print_json(doc: Any) -> None:
+    print(json.dumps(doc, indent=None, sort_keys=True))
+
+
+def run_client_command(args: argparse.Namespace) -> int:
+    from kvstore.client import SyncClient
+
+    key = args.key.encode() if hasattr(args, "key") else b""
+    with SyncClient(args.address, timeout_s=args.timeout) as kv:
+        if args.command == "put":
+            if args.file is not None:
+                value = args.file.read_bytes()
+            elif args.value is not None:
+                value = args.value.encode()
+            else:
+                value = sys.stdin.buffer.read()
+            ctx = kv.put(key, value, context=bytes.fromhex(args.context), w=args.w, ttl_s=args.ttl,
+                         conditional=args.if_current)
+            if args.json:
+                _print_json({"ok": True, "context": ctx.hex()})
+            return 0
+        if args.command == "get":
+            versions = kv.get(key, r=args.r)
+            if args.json:
+                _print_json({
+                    "found": versions.found, "context": versions.context.hex(),
+                    **(_value_json(versions.value) if versions.found else {}),
+                    "siblings": [{**_value_json(s.value), "hlc": s.hlc, "node_id": s.node_id}
+                                 for s in versions.siblings],
+                })
+                return 0 if versions.found else 1
+            if not versions.found:
+                print(f"not found: {args.key}", file=sys.stderr)
+                return 1
+            values = [s.value for s in versions.siblings] if args.siblings else [versions.value]
+            for v in values:
+                sys.stdout.buffer.write(v + (b"\n" if sys.stdout.isatty() or args.siblings else b""))
+            return 0
+        if args.command == "delete":
+            kv.delete(key, context=bytes.fromhex(args.context), w=args.w)
+            if args.json:
+                _print_json({"ok": True})
+            return 0
+        if args.command == "status":
+            return _status(kv, args)
+        if args.command == "ring":
+            topo = kv.refresh_ring()
+            own = topo.ring.ownership()
+            rows = [{"node_id": nid, "address": topo.addresses[nid], "up": nid in topo.up,
+                     "tokens": len(topo.ring.nodes[nid].tokens), "ownership": own.get(nid, 0.0)}
+                    for nid in sorted(topo.addresses)]
+            if args.json:
+                _print_json({"n": topo.n, "digest": topo.ring.digest(), "nodes": rows})
+            else:
+                for r in rows:
+                    print(f"{r['node_id']:<14} {r['address']:<22} {'up' if r['up'] else 'DOWN':<5} "
+                          f"{r['tokens']:>4} tokens  {100 * r['ownership']:6.2f}%")
+            return 0
+        if args.command == "locate":
+            loc = kv.locate(key)
+            reps = [{"node_id": r.node_id, "address": r.address, "primary": r.primary, "stored": r.stored,
+                     "siblings": r.siblings} for r in loc.replicas]
+            if args.json:
+                _print_json({"token": loc.token, "replicas": reps})
+            else:
+                print(f"token {loc.token:#018x}")
+                for r in reps:
+                    print(f"  {r['node_id']:<14} {r['address']:<22} {'primary' if r['primary'] else '       '} "
+                          f"{'stored' if r['stored'] else '-'}")
+            return 0
+    raise AssertionError(args.command)
+
+
+def _status(kv: Any, args: argparse.Namespace) -> int:
+    views = []
+    if args.all:
+        for m in kv.status()["members"]:
+            try:
+                views.append(kv.status(m["address"]))
+            except errors.KvError as exc:
+                views.append({"node_id": m["node_id"], "address": m["address"], "error": str(exc)})
+    else:
+        views.append(kv.status())
+    if args.json:
+        _print_json(views if args.all else views[0])
+        return 0
+    for view in views:
+        if "error" in view:
+            print(f"== {view['node_id']} ({view['address']}): unreachable: {view['error']}")
+            continue
+        print(f"== as seen by {view['node_id']} ({view['address']}), ring {view['ring_digest'][:12]}")
+        if view.get("warning"):
+            print(f"warning: {view['warning']}")
+        print(f"{'':2} {'node':<14} {'address':<22} {'zone':<8} {'tokens':>6} {'owns':>7} {'generation':>14}")
+        for m in view["members"]:
+            flag = ("U" if m["up"] else "D") + {"normal": "N", "joining": "J", "leaving": "L"}.get(m["status"], "?")
+            print(f"{flag:2} {m['node_id']:<14} {m['address']:<22} {m['zone'] or '-':<8} {m['tokens']:>6} "
+                  f"{100 * m['ownership']:6.2f}% {m['generation']:>14}")
+        if view.get("hints"):
+            print("hints held: " + ", ".join(f"{t}={c}" for t, c in view["hints"].items()))
+    return 0
+
+
+def run_node(args: argparse.Namespace) -> int:
+    import signal
+
+    import trio
+
+    from kvstore.config import load
+    from kvstore.node.node import serve
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    overrides = {
+        "data_dir": args.data_dir, "listen": args.listen, "advertise": args.advertise, "node_id": args.node_id,
+        "zone": args.zone, "seeds": args.seeds, "storage": args.storage, "fsync": args.fsync,
+        "replication_factor": args.replication_factor, "test_hooks": args.test_hooks,
+    }
+    try:
+        config = load(args.config, args.profile, **overrides)
+    except (ValueError, OSError) as exc:
+        print(f"kvstore node: {exc}", file=sys.stderr)
+        return 2
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            node = await nursery.start(serve, config)
+            if args.ready_file:
+                tmp = args.ready_file.with_suffix(".tmp")
+                tmp.write_text(node.address)
+                os.replace(tmp, args.ready_file)
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for sig in signals:
+                    logging.getLogger("kvstore").info("signal %s: draining and stopping", sig)
+                    node.request_stop()
+                    break
+
+    trio.run(main)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "node":
+        return run_node(args)
+    try:
+        return run_client_command(args)
+    except errors.KvError as exc:
+        print(f"kvstore {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_CODES.get(type(exc), EXIT_OTHER)
+    except ValueError as exc:  # e.g. a bad --context hex
+        print(f"kvstore {args.command}: {exc}", file=sys.stderr)
+        return 5
+
+
+if __name__ == "__main__":
+    sys.exit(main())

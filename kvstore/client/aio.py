@@ -1,0 +1,310 @@
+"""The trio client: `kvstore.Client`.
+
+Calls go through grpcio's future API: each call registers a done-callback that wakes the waiting
+trio task with `run_sync_soon`, so no thread is spent per call and trio cancellation cancels the
+RPC. Requests are routed to a live replica of the key (token-aware); idempotent calls (reads) are
+retried on UNAVAILABLE with exponential backoff and jitter.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import grpc
+import msgpack
+import trio
+
+from kvstore._proto import admin_pb2, admin_pb2_grpc, kv_pb2, kv_pb2_grpc
+from kvstore.client.routing import Topology
+from kvstore.core.quorum import Level
+from kvstore.errors import DeadlineExceeded, KvError, NotFound, Unavailable
+from kvstore.node.status import error_from
+
+DEFAULT_MAX_MESSAGE = (1 << 20) + 128 * 1024
+
+
+@dataclass(frozen=True)
+class Version:
+    """One sibling of a key as returned by a read."""
+
+    value: bytes
+    hlc: int
+    node_id: str
+    expires_at_ms: int = 0
+
+
+def latest(siblings: Sequence[Version]) -> Version:
+    """Default resolver: the sibling with the highest hybrid logical clock wins."""
+    return max(siblings, key=lambda v: (v.hlc, v.node_id))
+
+
+@dataclass(frozen=True)
+class Versions:
+    """The result of a read: every concurrent sibling and one context that supersedes them all."""
+
+    found: bool
+    siblings: tuple[Version, ...]
+    context: bytes
+
+    def resolve(self, resolver: Callable[[Sequence[Version]], Version] = latest) -> bytes | None:
+        return resolver(self.siblings).value if self.siblings else None
+
+    @property
+    def value(self) -> bytes | None:
+        """The value after the default resolver (latest HLC wins); None when not found."""
+        return self.resolve()
+
+
+def _level(level: str | int | Level | None) -> kv_pb2.Level:
+    lv = Level.parse(level)
+    return kv_pb2.Level(named=int(lv.named), count=lv.count)
+
+
+def _versions(resp: kv_pb2.GetResponse) -> Versions:
+    return Versions(
+        resp.found,
+        tuple(Version(s.value, s.hlc, s.node_id, s.expires_at_ms) for s in resp.siblings),
+        resp.context,
+    )
+
+
+class _Conn:
+    def __init__(self, address: str, max_message: int) -> None:
+        opts = [("grpc.max_send_message_length", max_message), ("grpc.max_receive_message_length", max_message)]
+        self.channel = grpc.insecure_channel(address, options=opts)
+        self.kv = kv_pb2_grpc.KVStub(self.channel)
+        self.admin = admin_pb2_grpc.AdminStub(self.channel)
+
+
+async def _wait(future: grpc.Future) -> Any:
+    token = trio.lowlevel.current_trio_token()
+    done = trio.Event()
+
+    def wake(_: Any) -> None:
+        try:
+            token.run_sync_soon(done.set)
+        except trio.RunFinishedError:
+            pass
+
+    future.add_done_callback(wake)
+    try:
+        await done.wait()
+    except trio.Cancelled:
+        future.cancel()
+        raise
+    try:
+        return future.result()
+    except grpc.RpcError as exc:
+        code = exc.code()
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            raise DeadlineExceeded(exc.details() or "deadline exceeded") from None
+        raise error_from(code, exc.details() or code.name) from None
+
+
+class Client:
+    """Trio client. `async with Client("127.0.0.1:7000") as kv: await kv.put(b"k", b"v")`."""
+
+    def __init__(
+        self,
+        addresses: str | Sequence[str],
+        *,
+        timeout_s: float = 5.0,
+        retries: int = 3,
+        r: str | int | None = None,
+        w: str | int | None = None,
+        n: int = 0,
+        token_aware: bool = True,
+        ring_refresh_s: float = 5.0,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE,
+    ) -> None:
+        self.addresses = [a for a in (addresses.split(",") if isinstance(addresses, str) else addresses) if a]
+        if not self.addresses:
+            raise ValueError("addresses: at least one host:port is needed")
+        self.timeout_s = timeout_s
+        self.retries = retries
+        self.default_r, self.default_w, self.n = r, w, n
+        self.token_aware = token_aware
+        self.ring_refresh_s = ring_refresh_s
+        self.max_message_bytes = max_message_bytes
+        self._conns: dict[str, _Conn] = {}
+        self._topology: Topology | None = None
+        self._topology_at = -1e9
+        self._rng = random.Random()
+
+    async def __aenter__(self) -> "Client":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for conn in self._conns.values():
+            conn.channel.close()
+        self._conns.clear()
+
+    def _conn(self, address: str) -> _Conn:
+        conn = self._conns.get(address)
+        if conn is None:
+            conn = self._conns[address] = _Conn(address, self.max_message_bytes)
+        return conn
+
+    def _options(self, strict: bool) -> kv_pb2.Options:
+        return kv_pb2.Options(n=self.n, strict=strict)
+
+    # ---- routing -------------------------------------------------------------------------
+
+    async def refresh_ring(self) -> Topology:
+        last: KvError | None = None
+        for address in self._rng.sample(self.addresses, len(self.addresses)):
+            try:
+                resp = await _wait(self._conn(address).kv.Ring.future(kv_pb2.RingRequest(), timeout=self.timeout_s))
+            except KvError as exc:
+                last = exc
+                continue
+            self._topology = Topology.from_nodes(
+                ((n.node_id, n.address, n.zone, tuple(n.tokens), n.up) for n in resp.nodes), resp.n
+            )
+            self._topology_at = trio.current_time()
+            return self._topology
+        raise last or Unavailable("no node answered")
+
+    async def _route(self, key: bytes, avoid: set[str]) -> str:
+        if self.token_aware:
+            if self._topology is None or trio.current_time() - self._topology_at > self.ring_refresh_s:
+                try:
+                    await self.refresh_ring()
+                except KvError:
+                    self._topology = None
+            if self._topology is not None:
+                addr = self._topology.coordinator(key, self.n or None, avoid)
+                if addr is not None:
+                    return addr
+        candidates = [a for a in self.addresses if a not in avoid] or self.addresses
+        return self._rng.choice(candidates)
+
+    async def _call(self, key: bytes, method: str, request: Any, timeout_s: float | None, idempotent: bool) -> Any:
+        timeout = timeout_s or self.timeout_s
+        deadline = trio.current_time() + timeout
+        avoid: set[str] = set()
+        attempt = 0
+        while True:
+            address = await self._route(key, avoid)
+            remaining = deadline - trio.current_time()
+            if remaining <= 0:
+                raise DeadlineExceeded(f"{method}: no answer within {timeout:.1f}s")
+            try:
+                return await _wait(getattr(self._conn(address).kv, method).future(request, timeout=remaining))
+            except Unavailable:
+                attempt += 1
+                avoid.add(address)
+                self._topology_at = -1e9  # the ring may have changed: refresh before the next try
+                if not idempotent or attempt > self.retries:
+                    raise
+                await trio.sleep(min(0.05 * 2**attempt, 1.0) * self._rng.uniform(0.5, 1.5))
+
+    # ---- single-key operations -------------------------------------------------------------
+
+    async def put(
+        self,
+        key: bytes,
+        value: bytes,
+        *,
+        context: bytes = b"",
+        w: str | int | None = None,
+        ttl_s: int = 0,
+        conditional: bool = False,
+        strict: bool = False,
+        timeout_s: float | None = None,
+    ) -> bytes:
+        """Store `value`; returns a context that supersedes it. With `context` from a read, the
+        write replaces what was read; `conditional=True` fails with StaleContext if it changed."""
+        req = kv_pb2.PutRequest(
+            key=key, value=value, context=context, w=_level(w or self.default_w), options=self._options(strict),
+            ttl_s=ttl_s, conditional=conditional,
+        )
+        return (await self._call(key, "Put", req, timeout_s, idempotent=False)).context
+
+    async def get(self, key: bytes, *, r: str | int | None = None, strict: bool = False,
+                  timeout_s: float | None = None) -> Versions:
+        """Read every live sibling of `key` (found=False when there is none)."""
+        req = kv_pb2.GetRequest(key=key, r=_level(r or self.default_r), options=self._options(strict))
+        return _versions(await self._call(key, "Get", req, timeout_s, idempotent=True))
+
+    async def get_value(self, key: bytes, **kw: Any) -> bytes:
+        """The resolved value of `key`; raises NotFound when it has none."""
+        versions = await self.get(key, **kw)
+        if not versions.found:
+            raise NotFound(f"key {key[:64]!r} not found")
+        value = versions.value
+        assert value is not None
+        return value
+
+    async def delete(self, key: bytes, *, context: bytes = b"", w: str | int | None = None,
+                     strict: bool = False, timeout_s: float | None = None) -> bytes:
+        """Delete `key` (a tombstone); with `context`, deletes exactly what was read."""
+        req = kv_pb2.DeleteRequest(key=key, context=context, w=_level(w or self.default_w), options=self._options(strict))
+        return (await self._call(key, "Delete", req, timeout_s, idempotent=False)).context
+
+    # ---- batches ----------------------------------------------------------------------------
+
+    async def _batch(self, keys: Sequence[bytes], method: str, items: list[Any], request_cls: Any,
+                     timeout_s: float | None, idempotent: bool) -> list[Any | KvError]:
+        """Group items by coordinator and send one batch to each; per-item errors in the result."""
+        groups: dict[str, list[int]] = {}
+        for i, key in enumerate(keys):
+            groups.setdefault(await self._route(key, set()), []).append(i)
+        out: list[Any | KvError] = [None] * len(items)
+
+        async def send(idx: list[int]) -> None:
+            try:
+                resp = await self._call(keys[idx[0]], method, request_cls(items=[items[i] for i in idx]),
+                                        timeout_s, idempotent)
+            except KvError as exc:
+                for i in idx:
+                    out[i] = exc
+                return
+            for j, i in enumerate(idx):
+                st = resp.statuses[j]
+                out[i] = resp.results[j] if st.code == 0 else error_from(st.code, st.message)
+
+        async with trio.open_nursery() as nursery:
+            for idx in groups.values():
+                nursery.start_soon(send, idx)
+        return out
+
+    async def put_many(self, items: Mapping[bytes, bytes] | Iterable[tuple[bytes, bytes]], *,
+                       w: str | int | None = None, timeout_s: float | None = None) -> list[bytes | KvError]:
+        """Blind-write many keys; returns each key's new context or its error."""
+        pairs = list(items.items() if isinstance(items, Mapping) else items)
+        lv = _level(w or self.default_w)
+        reqs = [kv_pb2.PutRequest(key=k, value=v, w=lv, options=self._options(False)) for k, v in pairs]
+        res = await self._batch([k for k, _ in pairs], "BatchPut", reqs, kv_pb2.BatchPutRequest, timeout_s, False)
+        return [r if isinstance(r, KvError) else r.context for r in res]
+
+    async def get_many(self, keys: Sequence[bytes], *, r: str | int | None = None,
+                       timeout_s: float | None = None) -> list[Versions | KvError]:
+        lv = _level(r or self.default_r)
+        reqs = [kv_pb2.GetRequest(key=k, r=lv, options=self._options(False)) for k in keys]
+        res = await self._batch(list(keys), "BatchGet", reqs, kv_pb2.BatchGetRequest, timeout_s, True)
+        return [r if isinstance(r, KvError) else _versions(r) for r in res]
+
+    async def delete_many(self, keys: Sequence[bytes], *, w: str | int | None = None,
+                          timeout_s: float | None = None) -> list[bytes | KvError]:
+        lv = _level(w or self.default_w)
+        reqs = [kv_pb2.DeleteRequest(key=k, w=lv, options=self._options(False)) for k in keys]
+        res = await self._batch(list(keys), "BatchDelete", reqs, kv_pb2.BatchDeleteRequest, timeout_s, False)
+        return [r if isinstance(r, KvError) else r.context for r in res]
+
+    # ---- cluster information --------------------------------------------------------------
+
+    async def status(self, address: str | None = None) -> dict[str, Any]:
+        """The contacted node's view of the cluster (members, ownership, hints)."""
+        conn = self._conn(address or self.addresses[0])
+        resp = await _wait(conn.admin.Status.future(admin_pb2.StatusRequest(), timeout=self.timeout_s))
+        return msgpack.unpackb(resp.payload, raw=False)
+
+    async def locate(self, key: bytes, address: str | None = None) -> admin_pb2.LocateResponse:
+        """Which nodes are replicas of `key` and which actually store it."""
+        conn = self._conn(address or self.addresses[0])
+        return await _wait(conn.admin.Locate.future(admin_pb2.LocateRequest(key=key), timeout=self.timeout_s))

@@ -1,0 +1,32 @@
+"""Token-aware routing for clients (pure): which node to send a key's request to."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from kvstore.core.ring import Ring, RingNode
+
+
+@dataclass
+class Topology:
+    ring: Ring
+    addresses: dict[str, str]          # node id -> address
+    up: set[str] = field(default_factory=set)
+    n: int = 3
+
+    @classmethod
+    def from_nodes(cls, nodes: Iterable[tuple[str, str, str, tuple[int, ...], bool]], n: int) -> "Topology":
+        nodes = list(nodes)
+        ring = Ring(RingNode(nid, addr, zone, tokens) for nid, addr, zone, tokens, _ in nodes)
+        return cls(ring, {nid: addr for nid, addr, *_ in nodes}, {nid for nid, *_, up in nodes if up}, n)
+
+    def coordinator(self, key: bytes, n: int | None = None, avoid: set[str] = frozenset()) -> str | None:
+        """Address of the first live, non-avoided node of the key's preference list."""
+        if len(self.ring) == 0:
+            return None
+        pref = self.ring.preference_list(key, n or self.n)
+        for node_id in pref:
+            addr = self.addresses.get(node_id)
+            if node_id in self.up and addr not in avoid and addr is not None:
+                return addr
+        return None

@@ -1,0 +1,123 @@
+"""Node configuration: one frozen dataclass, profiles as deltas from one base, TOML loading.
+
+Every field carries its unit in its name and a comment on why its default is what it is;
+`validate()` rejects bad values and bad combinations with a message naming the field.
+"""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kvstore.core.limits import Limits
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    data_dir: Path = Path("data")
+    listen: str = "127.0.0.1:7000"       # host:port the gRPC server binds (port 0 = any free port)
+    advertise: str = ""                  # host:port peers and clients should dial; "" = listen
+    node_id: str = ""                    # "" = read from or create in the data dir (stable forever)
+    zone: str = ""                       # failure domain; replicas spread over distinct zones first
+    seeds: tuple[str, ...] = ()          # host:port of nodes to learn the cluster from
+    storage: str = "sqlite"              # "sqlite" (durable) or "memory" (tests, scratch)
+    fsync: str = "always"                # always | batch | never: see kvstore/storage/base.py
+    fsync_interval_s: float = 0.05       # with fsync=batch: the power-failure loss window
+    replication_factor: int = 3          # N: Dynamo/Riak/Cassandra default, survives one loss at QUORUM
+    tokens_per_node: int = 64            # vnodes; balanced allocation keeps 64 within a few % of even
+    request_timeout_s: float = 5.0       # default deadline of a client request without one
+    replica_timeout_s: float = 2.0       # a replica batch not answered by then counts as no ack
+    gossip_interval_s: float = 1.0       # Cassandra/memberlist LAN default
+    phi_threshold: float = 8.0           # Cassandra's default: ~1e-8 chance a live node is accused
+    hint_max_per_target: int = 100_000   # a cap, so an outage cannot fill the disk (Scylla #8863)
+    hint_replay_interval_s: float = 1.0  # how often to check for owners that are back
+    hint_replay_batch: int = 256         # hints per replay batch: bounded replay rate
+    read_repair: bool = True             # repair stale replicas seen by reads, in the background
+    tombstone_grace_s: float = 10 * 86400.0  # Cassandra gc_grace_seconds default
+    shutdown_grace_s: float = 5.0        # SIGTERM: how long in-flight requests may finish
+    test_hooks: bool = False             # enables fault-injection admin calls; never in production
+    limits: Limits = field(default_factory=Limits)
+
+    @property
+    def advertise_address(self) -> str:
+        return self.advertise or self.listen
+
+    def replace(self, **changes: Any) -> "NodeConfig":
+        return dataclasses.replace(self, **changes)
+
+    def validate(self) -> "NodeConfig":
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise ValueError(message)
+
+        need(self.storage in ("sqlite", "memory"), f"storage: {self.storage!r} is not sqlite or memory")
+        need(self.fsync in ("always", "batch", "never"), f"fsync: {self.fsync!r} is not always, batch or never")
+        need(self.fsync_interval_s > 0, "fsync_interval_s: must be > 0")
+        need(1 <= self.replication_factor <= 16, "replication_factor: must be in 1..16")
+        need(1 <= self.tokens_per_node <= 1024, "tokens_per_node: must be in 1..1024")
+        need(self.request_timeout_s > 0, "request_timeout_s: must be > 0")
+        need(0 < self.replica_timeout_s <= self.request_timeout_s,
+             "replica_timeout_s: must be > 0 and <= request_timeout_s")
+        need(self.gossip_interval_s > 0, "gossip_interval_s: must be > 0")
+        need(self.phi_threshold > 0, "phi_threshold: must be > 0")
+        need(self.hint_max_per_target >= 0, "hint_max_per_target: must be >= 0")
+        need(self.tombstone_grace_s >= 0, "tombstone_grace_s: must be >= 0")
+        for name, addr in [("listen", self.listen)] + [("seeds", s) for s in self.seeds]:
+            host, sep, port = addr.rpartition(":")
+            need(bool(sep and host and port.isdigit()), f"{name}: {addr!r} is not host:port")
+        self.limits.validate()
+        return self
+
+
+BASE = NodeConfig()
+
+#: Profiles are deltas from BASE, each with the reason for the change.
+PROFILES: dict[str, dict[str, Any]] = {
+    "lan": {},
+    # a laptop cluster: react to kills within seconds, replay hints quickly
+    "local": {"gossip_interval_s": 0.2, "hint_replay_interval_s": 0.2, "fsync": "batch"},
+    # tests: fast everything, and nothing waits long for a dead peer
+    "test": {
+        "gossip_interval_s": 0.1,
+        "hint_replay_interval_s": 0.1,
+        "replica_timeout_s": 1.0,
+        "request_timeout_s": 3.0,
+        "fsync": "never",
+        "shutdown_grace_s": 2.0,
+    },
+}
+
+
+def profile(name: str, **overrides: Any) -> NodeConfig:
+    if name not in PROFILES:
+        raise ValueError(f"profile: {name!r} is not one of {', '.join(PROFILES)}")
+    return BASE.replace(**{**PROFILES[name], **overrides})
+
+
+def _coerce(name: str, value: Any) -> Any:
+    kinds = {f.name: f.type for f in dataclasses.fields(NodeConfig)}
+    if name not in kinds:
+        raise ValueError(f"{name}: unknown setting")
+    if name == "data_dir":
+        return Path(value)
+    if name == "seeds":
+        return tuple(value.split(",")) if isinstance(value, str) else tuple(value)
+    if name == "limits":
+        return Limits(**value)
+    return value
+
+
+def load(path: Path | None = None, profile_name: str | None = None, **overrides: Any) -> NodeConfig:
+    """Profile, then the TOML file's settings, then explicit overrides (command-line flags).
+    An explicit profile_name wins over the file's `profile`; the default is "lan"."""
+    settings: dict[str, Any] = {}
+    file_profile = None
+    if path is not None:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+        file_profile = doc.pop("profile", None)
+        settings.update({k: _coerce(k, v) for k, v in doc.items()})
+    settings.update({k: _coerce(k, v) for k, v in overrides.items() if v is not None})
+    return profile(profile_name or file_profile or "lan", **settings).validate()

@@ -1,0 +1,40 @@
+"""Hybrid logical clock (pure): wall time comes in as an argument.
+
+A timestamp is one uint64: (physical milliseconds << 16) | logical counter. It orders events
+causally across nodes while staying close to wall time, which the default sibling resolver uses
+("latest wins" among concurrent siblings).
+"""
+from __future__ import annotations
+
+LOGICAL_BITS = 16
+LOGICAL_MASK = (1 << LOGICAL_BITS) - 1
+
+
+def pack(physical_ms: int, logical: int) -> int:
+    return (physical_ms << LOGICAL_BITS) | logical
+
+
+def physical_ms(ts: int) -> int:
+    return ts >> LOGICAL_BITS
+
+
+class HybridClock:
+    """One node's HLC. `now(wall_ms)` for local events, `observe(remote, wall_ms)` on receipt."""
+
+    def __init__(self, last: int = 0) -> None:
+        self.last = last
+
+    def now(self, wall_ms: int) -> int:
+        phys, logical = physical_ms(self.last), self.last & LOGICAL_MASK
+        if wall_ms > phys:
+            self.last = pack(wall_ms, 0)
+        elif logical < LOGICAL_MASK:
+            self.last = pack(phys, logical + 1)
+        else:  # logical overflow: borrow a millisecond rather than repeat a timestamp
+            self.last = pack(phys + 1, 0)
+        return self.last
+
+    def observe(self, remote: int, wall_ms: int) -> int:
+        if remote > self.last:
+            self.last = remote
+        return self.now(wall_ms)

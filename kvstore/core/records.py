@@ -1,0 +1,100 @@
+"""Byte formats (pure): stored records and client contexts, msgpack, versioned from day one.
+
+A record is what one node stores for one key: its siblings. Sibling values are opaque bytes here
+(sealed envelopes once encryption at rest is on). Every decoder checks the format version and
+shape and raises a domain error naming what is wrong, so a corrupt record or a forged context
+costs one request, never the node.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import msgpack
+
+from kvstore.core.versions import Sibling
+from kvstore.errors import DataLoss, InvalidArgument
+
+RECORD_FORMAT = 1
+CONTEXT_FORMAT = 1
+MAX_CONTEXT_BYTES = 64 * 1024
+_U64 = (1 << 64) - 1
+
+
+def _packb(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def _unpackb(data: bytes) -> Any:
+    return msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
+
+
+def _valid_vv(vv: Any) -> bool:
+    return isinstance(vv, dict) and all(
+        isinstance(n, str) and isinstance(c, int) and 0 < c <= _U64 for n, c in vv.items()
+    )
+
+
+def sibling_to_wire(s: Sibling) -> list:
+    return [s.node, s.counter, dict(s.vv), s.hlc, s.expires_at_ms, s.value]
+
+
+def sibling_from_wire(item: Any) -> Sibling:
+    """Decode one sibling; raises ValueError on any malformed field."""
+    if not isinstance(item, list) or len(item) != 6:
+        raise ValueError("sibling must be a 6-element array")
+    node, counter, vv, hlc, expires, value = item
+    if not isinstance(node, str) or not node:
+        raise ValueError("sibling node id must be a non-empty string")
+    if not isinstance(counter, int) or not 0 < counter <= _U64:
+        raise ValueError("sibling counter must be in 1..2^64-1")
+    if not _valid_vv(vv):
+        raise ValueError("sibling version vector must map node ids to counters in 1..2^64-1")
+    if not isinstance(hlc, int) or not 0 <= hlc <= _U64:
+        raise ValueError("sibling hlc must be in 0..2^64-1")
+    if not isinstance(expires, int) or not 0 <= expires <= _U64:
+        raise ValueError("sibling expires_at_ms must be in 0..2^64-1")
+    if value is not None and not isinstance(value, bytes):
+        raise ValueError("sibling value must be bytes or nil")
+    return Sibling(node, counter, vv, value, hlc, expires)
+
+
+def siblings_from_wire(items: Any) -> list[Sibling]:
+    if not isinstance(items, list):
+        raise ValueError("siblings must be an array")
+    return [sibling_from_wire(item) for item in items]
+
+
+def encode_record(siblings: Sequence[Sibling]) -> bytes:
+    return _packb([RECORD_FORMAT, [sibling_to_wire(s) for s in siblings]])
+
+
+def decode_record(data: bytes, key: bytes = b"") -> list[Sibling]:
+    """Decode a stored record; a corrupt one raises DataLoss naming the key."""
+    try:
+        doc = _unpackb(data)
+        if not isinstance(doc, list) or len(doc) < 2:
+            raise ValueError("record must be an array [format, siblings]")
+        if doc[0] != RECORD_FORMAT:
+            raise ValueError(f"unknown record format {doc[0]!r} (this node reads {RECORD_FORMAT})")
+        return siblings_from_wire(doc[1])
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise DataLoss(f"record of key {key!r} is corrupt: {exc}") from None
+
+
+def encode_context(vv: dict[str, int]) -> bytes:
+    return _packb([CONTEXT_FORMAT, vv])
+
+
+def decode_context(data: bytes) -> dict[str, int]:
+    """Decode a client-supplied context; empty bytes mean "no context" (a blind write)."""
+    if not data:
+        return {}
+    if len(data) > MAX_CONTEXT_BYTES:
+        raise InvalidArgument(f"context: {len(data)} bytes exceeds the limit of {MAX_CONTEXT_BYTES}")
+    try:
+        doc = _unpackb(data)
+    except (ValueError, TypeError, msgpack.UnpackException):
+        raise InvalidArgument("context: not a context returned by kvstore (undecodable)") from None
+    if not isinstance(doc, list) or len(doc) != 2 or doc[0] != CONTEXT_FORMAT or not _valid_vv(doc[1]):
+        raise InvalidArgument("context: not a context returned by kvstore (bad format)")
+    return doc[1]

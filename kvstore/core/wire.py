@@ -1,0 +1,119 @@
+"""Node-to-node message formats (pure): msgpack documents framed by internal.proto's Frame.
+
+Every document starts with its format version. Decoders validate shape and types and raise
+InvalidArgument naming the problem, so a malformed or hostile peer message costs that message only.
+
+Replica batch (on the Stream RPC):   [1, batch_id, [op, ...]]
+  op: ["w", key, siblings, hint_for]  merge `siblings` into the record (hint_for: "" or node id
+                                      when the receiver holds the write for a down owner)
+      ["r", key]                      read the record (data plus any hints held for the key)
+Reply:                               [1, batch_id, [[code, payload], ...]]  (code 0 = ok)
+Call (unary):                        [1, kind, body]  -> [1, code, body]
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import msgpack
+
+from kvstore.core.records import siblings_from_wire, sibling_to_wire
+from kvstore.core.versions import Sibling
+from kvstore.errors import InvalidArgument
+
+WIRE_FORMAT = 1
+MAX_BATCH_OPS = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class WriteOp:
+    key: bytes
+    siblings: list[Sibling]
+    hint_for: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ReadOp:
+    key: bytes
+
+
+ReplicaOp = WriteOp | ReadOp
+
+
+def packb(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def unpackb(data: bytes) -> Any:
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
+    except (ValueError, TypeError, msgpack.UnpackException):
+        raise InvalidArgument("frame: payload is not valid msgpack") from None
+
+
+def encode_batch(batch_id: int, ops: Sequence[ReplicaOp]) -> bytes:
+    wire = [
+        ["w", op.key, [sibling_to_wire(s) for s in op.siblings], op.hint_for]
+        if isinstance(op, WriteOp)
+        else ["r", op.key]
+        for op in ops
+    ]
+    return packb([WIRE_FORMAT, batch_id, wire])
+
+
+def decode_batch(data: bytes) -> tuple[int, list[ReplicaOp | InvalidArgument]]:
+    """Decode a batch. A malformed op becomes an InvalidArgument in its slot; a malformed envelope
+    raises (the batch id is unknown, so nothing can be answered)."""
+    doc = unpackb(data)
+    if not (isinstance(doc, list) and len(doc) == 3 and doc[0] == WIRE_FORMAT):
+        raise InvalidArgument(f"batch: expected [{WIRE_FORMAT}, id, ops]")
+    _, batch_id, raw_ops = doc
+    if not isinstance(batch_id, int) or not isinstance(raw_ops, list):
+        raise InvalidArgument("batch: id must be an integer and ops an array")
+    if len(raw_ops) > MAX_BATCH_OPS:
+        raise InvalidArgument(f"batch: {len(raw_ops)} ops exceeds the limit of {MAX_BATCH_OPS}")
+    ops: list[ReplicaOp | InvalidArgument] = []
+    for raw in raw_ops:
+        try:
+            ops.append(_decode_op(raw))
+        except (ValueError, TypeError) as exc:
+            ops.append(InvalidArgument(f"replica op: {exc}"))
+    return batch_id, ops
+
+
+def _decode_op(raw: Any) -> ReplicaOp:
+    if not isinstance(raw, list) or not raw:
+        raise ValueError("op must be a non-empty array")
+    kind = raw[0]
+    if kind == "w" and len(raw) == 4 and isinstance(raw[1], bytes) and isinstance(raw[3], str):
+        return WriteOp(raw[1], siblings_from_wire(raw[2]), raw[3])
+    if kind == "r" and len(raw) == 2 and isinstance(raw[1], bytes):
+        return ReadOp(raw[1])
+    raise ValueError(f"unknown or malformed op {str(kind)[:16]!r}")
+
+
+def encode_reply(batch_id: int, results: Sequence[tuple[int, Any]]) -> bytes:
+    return packb([WIRE_FORMAT, batch_id, [list(r) for r in results]])
+
+
+def decode_reply(data: bytes) -> tuple[int, list[tuple[int, Any]]]:
+    doc = unpackb(data)
+    if not (isinstance(doc, list) and len(doc) == 3 and doc[0] == WIRE_FORMAT and isinstance(doc[2], list)):
+        raise InvalidArgument("reply: expected [1, id, results]")
+    results = []
+    for r in doc[2]:
+        if not (isinstance(r, list) and len(r) == 2 and isinstance(r[0], int)):
+            raise InvalidArgument("reply: each result must be [code, payload]")
+        results.append((r[0], r[1]))
+    return doc[1], results
+
+
+def encode_call(kind: str, body: Any) -> bytes:
+    return packb([WIRE_FORMAT, kind, body])
+
+
+def decode_call(data: bytes) -> tuple[str, Any]:
+    doc = unpackb(data)
+    if not (isinstance(doc, list) and len(doc) == 3 and doc[0] == WIRE_FORMAT and isinstance(doc[1], str)):
+        raise InvalidArgument("call: expected [1, kind, body]")
+    return doc[1], doc[2]

@@ -1,0 +1,200 @@
+"""The public API on one node: protobuf requests in, protobuf responses out.
+
+Validates each item (errors name the field and the limit), forwards items whose key this node
+does not replicate to a live replica, hands the rest to the coordinator, and turns results into
+per-item statuses. Runs on trio; kvstore/node/server.py only moves calls across the bridge.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+import trio
+
+from kvstore._proto import kv_pb2
+from kvstore.core import quorum
+from kvstore.core.records import decode_context, encode_context
+from kvstore.core.versions import Sibling
+from kvstore.errors import InvalidArgument, KvError, Unavailable
+from kvstore.node.coordinator import ReadReq, ReadResult, WriteReq
+from kvstore.node.status import code_of, error_from, message_of, number_of
+
+log = logging.getLogger(__name__)
+
+FORWARDED_HEADER = "kv-forwarded"
+
+OK = kv_pb2.ItemStatus(code=0)
+
+
+def _status(exc: BaseException) -> kv_pb2.ItemStatus:
+    return kv_pb2.ItemStatus(code=number_of(code_of(exc)), message=message_of(exc))
+
+
+def _level(field: str, level: kv_pb2.Level, n: int, ring_size: int) -> int:
+    """Acks needed. Counts are checked against n; named levels resolve against the replicas that
+    exist, so a cluster smaller than n (a dev node) still serves QUORUM with what it has."""
+    lv = quorum.Level(level.named, level.count)
+    needed = quorum.required(field, lv, n)
+    if lv.count:
+        return needed
+    return quorum.required(field, lv, max(1, min(n, ring_size)))
+
+
+class Api:
+    def __init__(self, node: Any) -> None:
+        self.node = node
+
+    def deadline(self, timeout_s: float | None, options: kv_pb2.Options | None = None) -> float:
+        budget = self.node.config.request_timeout_s
+        if timeout_s is not None:
+            budget = min(budget, timeout_s)
+        if options is not None and options.timeout_ms:
+            budget = min(budget, options.timeout_ms / 1000)
+        return trio.current_time() + max(budget, 0.0)
+
+    # ---- writes (put and delete share one path) -------------------------------------
+
+    def _write_req(self, item: Any, is_delete: bool) -> WriteReq:
+        limits = self.node.config.limits
+        limits.check_key(item.key)
+        opts = item.options
+        n = quorum.resolve_n(opts.n, self.node.config.replication_factor)
+        w = _level("w", item.w, n, len(self.node.ring()))
+        context = decode_context(item.context)
+        blind = not item.context
+        if is_delete:
+            return WriteReq(item.key, None, context, n, w, opts.strict, blind=blind)
+        limits.check_value(item.value)
+        limits.check_ttl(item.ttl_s)
+        return WriteReq(item.key, item.value, context, n, w, opts.strict, item.ttl_s, item.conditional, blind)
+
+    async def write_batch(
+        self, items: Sequence[Any], is_delete: bool, forwarded: bool, timeout_s: float | None
+    ) -> tuple[list[Any], list[kv_pb2.ItemStatus]]:
+        self.node.config.limits.check_batch(len(items))
+        response_cls = kv_pb2.DeleteResponse if is_delete else kv_pb2.PutResponse
+        results: list[Any] = [response_cls() for _ in items]
+        statuses: list[kv_pb2.ItemStatus] = [OK] * len(items)
+        deadline = self.deadline(timeout_s, items[0].options if items else None)
+        local: list[tuple[int, WriteReq]] = []
+        remote: dict[str, list[int]] = {}
+        for i, item in enumerate(items):
+            try:
+                req = self._write_req(item, is_delete)
+                target = self._route(req.key, req.n, forwarded)
+            except KvError as exc:
+                statuses[i] = _status(exc)
+                continue
+            if target is None:
+                local.append((i, req))
+            else:
+                remote.setdefault(target, []).append(i)
+        async with trio.open_nursery() as nursery:
+            for target, idx in remote.items():
+                nursery.start_soon(self._forward, target, idx, items, is_delete, deadline, results, statuses)
+            if local:
+                outcomes = await self.node.coordinator.write_many([r for _, r in local], deadline)
+                for (i, _), out in zip(local, outcomes):
+                    if isinstance(out, KvError):
+                        statuses[i] = _status(out)
+                    else:
+                        results[i] = response_cls(context=encode_context(out))
+        return results, statuses
+
+    # ---- reads ------------------------------------------------------------------------
+
+    async def get_batch(
+        self, items: Sequence[kv_pb2.GetRequest], forwarded: bool, timeout_s: float | None
+    ) -> tuple[list[kv_pb2.GetResponse], list[kv_pb2.ItemStatus]]:
+        self.node.config.limits.check_batch(len(items))
+        results = [kv_pb2.GetResponse() for _ in items]
+        statuses: list[kv_pb2.ItemStatus] = [OK] * len(items)
+        deadline = self.deadline(timeout_s, items[0].options if items else None)
+        local: list[tuple[int, ReadReq]] = []
+        remote: dict[str, list[int]] = {}
+        for i, item in enumerate(items):
+            try:
+                self.node.config.limits.check_key(item.key)
+                n = quorum.resolve_n(item.options.n, self.node.config.replication_factor)
+                req = ReadReq(item.key, n, _level("r", item.r, n, len(self.node.ring())), item.options.strict)
+                target = self._route(req.key, n, forwarded)
+            except KvError as exc:
+                statuses[i] = _status(exc)
+                continue
+            if target is None:
+                local.append((i, req))
+            else:
+                remote.setdefault(target, []).append(i)
+        async with trio.open_nursery() as nursery:
+            for target, idx in remote.items():
+                nursery.start_soon(self._forward, target, idx, items, None, deadline, results, statuses)
+            if local:
+                outcomes = await self.node.coordinator.read_many([r for _, r in local], deadline)
+                now_ms = self.node.now_ms()
+                for (i, _), out in zip(local, outcomes):
+                    if isinstance(out, KvError):
+                        statuses[i] = _status(out)
+                    else:
+                        results[i] = self._get_response(out, now_ms)
+        return results, statuses
+
+    def _get_response(self, result: ReadResult, now_ms: int) -> kv_pb2.GetResponse:
+        live = [s for s in result.siblings if s.live(now_ms)]
+        return kv_pb2.GetResponse(
+            found=bool(live),
+            siblings=[_sibling_pb(s) for s in live],
+            context=encode_context(result.context),
+        )
+
+    # ---- routing ----------------------------------------------------------------------
+
+    def _route(self, key: bytes, n: int, forwarded: bool) -> str | None:
+        """None to coordinate here, else the replica to forward to."""
+        ring = self.node.ring()
+        if len(ring) == 0:
+            raise Unavailable("the ring is empty: this node has not joined a cluster yet")
+        pref = ring.preference_list(key, n)
+        if forwarded or self.node.node_id in pref:
+            return None
+        for node_id in pref:
+            if self.node.is_up(node_id):
+                return node_id
+        raise Unavailable(f"no replica of the key is reachable (replicas: {', '.join(pref)})")
+
+    async def _forward(
+        self,
+        target: str,
+        idx: list[int],
+        items: Sequence[Any],
+        is_delete: bool | None,
+        deadline: float,
+        results: list[Any],
+        statuses: list[kv_pb2.ItemStatus],
+    ) -> None:
+        if is_delete is None:
+            method, request = "BatchGet", kv_pb2.BatchGetRequest(items=[items[i] for i in idx])
+        elif is_delete:
+            method, request = "BatchDelete", kv_pb2.BatchDeleteRequest(items=[items[i] for i in idx])
+        else:
+            method, request = "BatchPut", kv_pb2.BatchPutRequest(items=[items[i] for i in idx])
+        try:
+            reply = await self.node.forward(target, method, request, deadline)
+        except KvError as exc:
+            for i in idx:
+                statuses[i] = _status(exc)
+            return
+        for j, i in enumerate(idx):
+            results[i] = reply.results[j]
+            statuses[i] = reply.statuses[j]
+
+
+def _sibling_pb(s: Sibling) -> kv_pb2.Sibling:
+    return kv_pb2.Sibling(
+        value=s.value or b"", tombstone=s.tombstone, hlc=s.hlc, node_id=s.node, expires_at_ms=s.expires_at_ms
+    )
+
+
+def raise_item(status: kv_pb2.ItemStatus) -> None:
+    """For single-item calls: raise the item's error, if any."""
+    if status.code != 0:
+        raise error_from(status.code, status.message)

@@ -1,0 +1,306 @@
+"""Coordinating reads and writes across a key's replicas: quorums, sloppy quorum with hints, and
+read repair. Requests arrive here already validated; forwarding to a replica happens before
+(kvstore/node/api.py). Everything runs on the node's trio loop.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, Sequence
+
+import trio
+
+from kvstore.config import NodeConfig
+from kvstore.core import versions
+from kvstore.core.hlc import HybridClock
+from kvstore.core.records import siblings_from_wire
+from kvstore.core.ring import Ring
+from kvstore.core.versions import Sibling, VersionVector
+from kvstore.core.wire import ReadOp, WriteOp
+from kvstore.errors import DeadlineExceeded, KvError, Unavailable
+from kvstore.node.local import LocalStore, Stamp
+from kvstore.node.peers import Peer
+from kvstore.node.status import error_from
+
+log = logging.getLogger(__name__)
+
+
+class ClusterView(Protocol):
+    node_id: str
+    config: NodeConfig
+    store: LocalStore
+    clock: HybridClock
+    background: trio.Nursery
+
+    def ring(self) -> Ring: ...
+    def is_up(self, node_id: str) -> bool: ...
+    def peer(self, node_id: str) -> Peer: ...
+    def now_ms(self) -> int: ...
+
+
+@dataclass
+class WriteReq:
+    key: bytes
+    value: bytes | None          # None: delete
+    context: VersionVector
+    n: int
+    w: int                       # acknowledgements needed
+    strict: bool = False
+    ttl_s: int = 0
+    conditional: bool = False
+    blind: bool = False          # no context supplied: supersede what the coordinator holds
+
+
+@dataclass
+class ReadReq:
+    key: bytes
+    n: int
+    r: int
+    strict: bool = False
+
+
+@dataclass
+class ReadResult:
+    siblings: list[Sibling]      # every non-obsolete sibling, tombstones included
+    context: dict[str, int]
+
+
+@dataclass
+class _Pending:
+    """Acknowledgement bookkeeping of one key's write."""
+
+    needed: int
+    acks: int = 0
+    outstanding: int = 0
+    acked_by: list[str] = field(default_factory=list)
+    done: bool = False
+
+
+class Coordinator:
+    def __init__(self, view: ClusterView) -> None:
+        self.view = view
+        self.repairs = 0  # replicas updated by read repair (a metric)
+
+    # ---- writes -------------------------------------------------------------------------
+
+    async def write_many(self, reqs: Sequence[WriteReq], deadline: float) -> list[dict[str, int] | KvError]:
+        view = self.view
+        now_ms = view.now_ms()
+        stamps = [
+            Stamp(
+                r.key,
+                r.value,
+                r.context,
+                view.clock.now(now_ms),
+                now_ms + r.ttl_s * 1000 if r.ttl_s else 0,
+                r.conditional,
+                r.blind and not r.conditional,
+            )
+            for r in reqs
+        ]
+        stamped = await view.store.stamp_many(stamps, now_ms)
+        results: list[dict[str, int] | KvError] = [{} for _ in reqs]
+        pendings: list[_Pending | None] = [None] * len(reqs)
+        all_done = trio.Event()
+        ring = view.ring()
+        plans: dict[str, list[tuple[int, WriteOp, bool]]] = {}  # peer -> (item, op, primary)
+        for i, (req, st) in enumerate(zip(reqs, stamped)):
+            if isinstance(st, BaseException):
+                results[i] = st if isinstance(st, KvError) else KvError(str(st))
+                continue
+            results[i] = st.new.clock()
+            pending = _Pending(needed=req.w, acks=1, acked_by=[view.node_id])
+            pendings[i] = pending
+            pref = ring.preference_list(req.key, req.n)
+            used = set(pref)
+            for target in pref:
+                if target == view.node_id:
+                    continue
+                if view.is_up(target):
+                    plans.setdefault(target, []).append((i, WriteOp(req.key, st.siblings), True))
+                    pending.outstanding += 1
+                elif not req.strict:
+                    fb = self._fallback(ring, req.key, used)
+                    if fb is not None:
+                        used.add(fb)
+                        plans.setdefault(fb, []).append((i, WriteOp(req.key, st.siblings, target), False))
+                        pending.outstanding += 1
+            if pending.acks >= pending.needed or pending.outstanding == 0:
+                pending.done = True
+
+        def settle() -> None:
+            if all(p is None or p.done for p in pendings):
+                all_done.set()
+
+        def on_result(i: int, peer_id: str, ok: bool) -> None:
+            p = pendings[i]
+            assert p is not None
+            p.outstanding -= 1
+            if ok:
+                p.acks += 1
+                p.acked_by.append(peer_id)
+            if p.acks >= p.needed or p.outstanding <= 0:
+                p.done = True
+                settle()
+
+        for peer_id, items in plans.items():
+            view.background.start_soon(self._deliver, ring, peer_id, items, reqs, on_result)
+        settle()
+        with trio.move_on_at(deadline):
+            await all_done.wait()
+        for i, p in enumerate(pendings):
+            if p is not None and p.acks < p.needed:
+                results[i] = Unavailable(
+                    f"w: got {p.acks} of {p.needed} acknowledgements needed "
+                    f"(acked by {', '.join(p.acked_by)})"
+                )
+        return results
+
+    def _fallback(self, ring: Ring, key: bytes, used: set[str]) -> str | None:
+        """The next live node clockwise after the preference list, for a hinted write."""
+        for node in ring.walk(key):
+            if node not in used and node != self.view.node_id and self.view.is_up(node):
+                return node
+        return None
+
+    async def _deliver(
+        self,
+        ring: Ring,
+        peer_id: str,
+        items: list[tuple[int, WriteOp, bool]],
+        reqs: Sequence[WriteReq],
+        on_result: Callable[[int, str, bool], None],
+    ) -> None:
+        """Send one peer its share; a primary that fails is replaced by a hinted fallback."""
+        view = self.view
+        try:
+            replies = await view.peer(peer_id).replicate([op for _, op, _ in items], view.config.replica_timeout_s)
+        except KvError as exc:
+            log.debug("replica %s failed: %s", peer_id, exc)
+            replies = [(14, None)] * len(items)
+        retry: dict[str, list[tuple[int, WriteOp, bool]]] = {}
+        for (i, op, primary), (code, _) in zip(items, replies):
+            if code == 0:
+                on_result(i, peer_id, True)
+                continue
+            req = reqs[i]
+            fb = None
+            if primary and not req.strict:
+                used = set(ring.preference_list(req.key, req.n))
+                fb = self._fallback(ring, req.key, used | {peer_id})
+            if fb is None:
+                on_result(i, peer_id, False)
+            else:
+                retry.setdefault(fb, []).append((i, WriteOp(op.key, op.siblings, peer_id), False))
+        for fb, fb_items in retry.items():
+            view.background.start_soon(self._deliver, ring, fb, fb_items, reqs, on_result)
+
+    # ---- reads --------------------------------------------------------------------------
+
+    async def read_many(self, reqs: Sequence[ReadReq], deadline: float) -> list[ReadResult | KvError]:
+        view = self.view
+        ring = view.ring()
+        replies: list[dict[str, list[Sibling]]] = [{} for _ in reqs]
+        needed = [r.r for r in reqs]
+        targets: list[list[str]] = []
+        plans: dict[str, list[int]] = {}
+        local_items: list[int] = []
+        for i, req in enumerate(reqs):
+            pref = ring.preference_list(req.key, req.n)
+            live = [t for t in pref if t == view.node_id or view.is_up(t)]
+            targets.append(live)
+            for t in live:
+                if t == view.node_id:
+                    local_items.append(i)
+                else:
+                    plans.setdefault(t, []).append(i)
+        errors: list[KvError | None] = [None] * len(reqs)
+        all_done = trio.Event()
+        outstanding = [len(t) for t in targets]
+
+        def settle() -> None:
+            if all(len(replies[i]) >= needed[i] or outstanding[i] <= 0 for i in range(len(reqs))):
+                all_done.set()
+
+        def record(i: int, node: str, sibs: list[Sibling] | None, err: KvError | None = None) -> None:
+            outstanding[i] -= 1
+            if sibs is not None:
+                replies[i][node] = sibs
+            elif err is not None and errors[i] is None:
+                errors[i] = err
+            settle()
+
+        async def ask(peer_id: str, items: list[int]) -> None:
+            ops = [ReadOp(reqs[i].key) for i in items]
+            try:
+                res = await view.peer(peer_id).replicate(ops, view.config.replica_timeout_s)
+            except KvError:
+                res = [(14, None)] * len(items)
+            for i, (code, payload) in zip(items, res):
+                if code != 0:
+                    record(i, peer_id, None, error_from(code, f"replica {peer_id}: {payload}"))
+                    continue
+                try:
+                    record(i, peer_id, siblings_from_wire(payload) if payload is not None else [])
+                except (ValueError, TypeError) as exc:
+                    record(i, peer_id, None, Unavailable(f"replica {peer_id}: bad reply: {exc}"))
+
+        async def gather() -> None:
+            async with trio.open_nursery() as nursery:
+                for peer_id, items in plans.items():
+                    nursery.start_soon(ask, peer_id, items)
+                if local_items:
+                    local = await view.store.read_many([reqs[i].key for i in local_items])
+                    for i, sibs in zip(local_items, local):
+                        if isinstance(sibs, KvError):  # e.g. a corrupt record: others may answer
+                            record(i, view.node_id, None, sibs)
+                        else:
+                            record(i, view.node_id, sibs)
+            # every replica answered or failed: repair the stale ones
+            if view.config.read_repair:
+                await self._repair(reqs, replies)
+
+        settle()
+        view.background.start_soon(gather)
+        with trio.move_on_at(deadline):
+            await all_done.wait()
+        out: list[ReadResult | KvError] = []
+        for i, req in enumerate(reqs):
+            got = dict(replies[i])
+            if len(got) < needed[i]:
+                err = errors[i]
+                if err is not None and not err.retryable and len(got) == 0:
+                    out.append(err)
+                else:
+                    out.append(Unavailable(
+                        f"r: got {len(got)} of {needed[i]} replies needed "
+                        f"(answered: {', '.join(sorted(got)) or 'none'})"
+                    ))
+                continue
+            merged = versions.merge(*got.values())
+            out.append(ReadResult(merged, versions.context_of(merged)))
+        return out
+
+    async def _repair(self, reqs: Sequence[ReadReq], replies: list[dict[str, list[Sibling]]]) -> None:
+        view = self.view
+        per_peer: dict[str, list[WriteOp]] = {}
+        local: list[tuple[bytes, list[Sibling]]] = []
+        for req, got in zip(reqs, replies):
+            if not got:
+                continue
+            merged = versions.merge(*got.values())
+            dots = {s.dot for s in merged}
+            for node, sibs in got.items():
+                if {s.dot for s in sibs} != dots:
+                    if node == view.node_id:
+                        local.append((req.key, merged))
+                    else:
+                        per_peer.setdefault(node, []).append(WriteOp(req.key, merged))
+        if local:
+            await view.store.merge_many(local)
+        for node, ops in per_peer.items():
+            try:
+                await view.peer(node).replicate(ops, view.config.replica_timeout_s)
+            except KvError as exc:
+                log.debug("read repair of %d keys on %s failed: %s", len(ops), node, exc)
+        self.repairs += len(local) + sum(map(len, per_peer.values()))

@@ -1,0 +1,131 @@
+"""One node's replica store: versioned records on a storage engine.
+
+Stamping (a coordinator's new write) and merging (a replica receiving siblings) both run as pure
+updaters inside the engine's serial writer, so a read-stamp-store is atomic without locks and
+concurrent writes share one transaction. Values pass through a `Sealer` (encryption at rest) on
+their way in and out.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+from kvstore.core import versions
+from kvstore.core.limits import Limits
+from kvstore.core.records import decode_record, encode_record
+from kvstore.core.versions import Sibling, VersionVector
+from kvstore.errors import KvError, StaleContext
+from kvstore.storage.base import Engine, UpdateResult
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Stamp:
+    """A coordinator write to stamp locally."""
+
+    key: bytes
+    value: bytes | None      # None = delete (tombstone)
+    context: VersionVector
+    hlc: int
+    expires_at_ms: int = 0
+    conditional: bool = False
+    # No context was supplied (the caller never read): the write supersedes what this coordinator
+    # holds, so repeated blind puts do not pile up siblings. Writes concurrent across coordinators,
+    # and writes made with stale contexts, still become siblings.
+    blind: bool = False
+
+
+@dataclass
+class Stamped:
+    new: Sibling               # the write itself
+    siblings: list[Sibling]    # the merged set now stored (ship this to replicas)
+
+
+class LocalStore:
+    def __init__(self, engine: Engine, node_id: str, limits: Limits) -> None:
+        self.engine = engine
+        self.node_id = node_id
+        self.limits = limits
+
+    async def stamp_many(self, stamps: Sequence[Stamp], now_ms: int) -> list[Stamped | BaseException]:
+        made: dict[int, Stamped] = {}
+
+        def updater(i: int, st: Stamp):
+            def apply(old: bytes | None) -> bytes | None:
+                local = decode_record(old, st.key) if old else []
+                if st.conditional and not versions.is_current(local, st.context, now_ms):
+                    raise StaleContext(
+                        f"key {st.key[:64]!r}: the context is no longer current "
+                        "(the value changed since it was read)"
+                    )
+                context = versions.context_of(local) if st.blind else st.context
+                new, merged = versions.stamp(
+                    local, self.node_id, context, st.value, st.hlc, st.expires_at_ms
+                )
+                self._check_siblings(st.key, merged)
+                made[i] = Stamped(new, merged)
+                return encode_record(merged)
+
+            return apply
+
+        results = await self.engine.update_many(
+            [(st.key, updater(i, st)) for i, st in enumerate(stamps)]
+        )
+        return [r if isinstance(r, BaseException) else made[i] for i, r in enumerate(results)]
+
+    async def merge_many(
+        self, items: Sequence[tuple[bytes, list[Sibling]]], hint_for: Sequence[str] | None = None
+    ) -> list[list[Sibling] | BaseException]:
+        """Merge incoming siblings into stored records (or into hints held for `hint_for[i]`)."""
+
+        def updater(key: bytes, incoming: list[Sibling]):
+            def apply(old: bytes | None) -> bytes | None:
+                local = decode_record(old, key) if old else []
+                merged = versions.merge(local, incoming)
+                if old is not None and [s.dot for s in merged] == [s.dot for s in local]:
+                    return old  # nothing new: keep the bytes as they are
+                if len(merged) >= self.limits.warn_siblings:
+                    # a replica never refuses what a coordinator accepted: that would diverge
+                    log.warning("key %r has %d siblings", key[:64], len(merged))
+                return encode_record(merged)
+
+            return apply
+
+        data_items = [(i, k, s) for i, (k, s) in enumerate(items) if not (hint_for and hint_for[i])]
+        hint_items = [(i, k, s) for i, (k, s) in enumerate(items) if hint_for and hint_for[i]]
+        out: list[list[Sibling] | BaseException] = [[] for _ in items]
+        if data_items:
+            res = await self.engine.update_many([(k, updater(k, s)) for _, k, s in data_items])
+            for (i, k, _), r in zip(data_items, res):
+                out[i] = self._decoded(r, k)
+        if hint_items:
+            assert hint_for is not None
+            res = await self.engine.hint_update_many(
+                [(hint_for[i], k, updater(k, s)) for i, k, s in hint_items]
+            )
+            for (i, k, _), r in zip(hint_items, res):
+                out[i] = self._decoded(r, k)
+        return out
+
+    async def read_many(self, keys: Sequence[bytes]) -> list[list[Sibling] | KvError]:
+        """Stored siblings per key; a corrupt record yields DataLoss in its slot only."""
+        raw = await self.engine.get_many(keys)
+        out: list[list[Sibling] | KvError] = []
+        for k, r in zip(keys, raw):
+            try:
+                out.append(decode_record(r, k) if r else [])
+            except KvError as exc:
+                out.append(exc)
+        return out
+
+    def _decoded(self, r: UpdateResult, key: bytes) -> list[Sibling] | BaseException:
+        if isinstance(r, BaseException):
+            return r
+        return decode_record(r, key) if r else []
+
+    def _check_siblings(self, key: bytes, merged: list[Sibling]) -> None:
+        self.limits.check_siblings(len(merged), key)
+        if len(merged) >= self.limits.warn_siblings:
+            log.warning("key %r has %d siblings (limit %d)", key[:64], len(merged), self.limits.max_siblings)

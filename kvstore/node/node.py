@@ -1,0 +1,411 @@
+"""The node process: assembles storage, the transport bridge, gossip, the coordinator and the
+gRPC server under one trio nursery, and shuts them down in order (drain, close, join)."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import trio
+
+from kvstore._proto import admin_pb2, kv_pb2
+from kvstore.config import NodeConfig
+from kvstore.core import ring as ringmod
+from kvstore.core import wire
+from kvstore.core.hlc import HybridClock
+from kvstore.core.membership import NodeState, Status, ring_of
+from kvstore.core.records import sibling_to_wire
+from kvstore.core.ring import Ring
+from kvstore.core.wire import ReadOp, WriteOp
+from kvstore.errors import InvalidArgument, KvError, ResourceExhausted, Unavailable
+from kvstore.node.api import FORWARDED_HEADER, Api
+from kvstore.node.bridge import Transport, open_transport
+from kvstore.node.coordinator import Coordinator
+from kvstore.node.gossip import Gossip
+from kvstore.node.local import LocalStore
+from kvstore.node.peers import Peer, channel_options
+from kvstore.node.server import make_server
+from kvstore.node.status import code_of, message_of, number_of
+from kvstore.storage.base import Engine, FsyncPolicy
+
+log = logging.getLogger(__name__)
+
+IDENTITY_FILE = "node.json"
+IDENTITY_FORMAT = 1
+
+
+def load_identity(data_dir: Path, wanted_id: str) -> dict[str, Any]:
+    """The node id (and tokens once allocated) stored in the data dir; created on first start."""
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(data_dir, 0o700)
+    path = data_dir / IDENTITY_FILE
+    if path.exists():
+        ident = json.loads(path.read_text())
+        if ident.get("format") != IDENTITY_FORMAT:
+            raise SystemExit(f"{path}: unknown identity format {ident.get('format')!r}")
+        if wanted_id and ident["node_id"] != wanted_id:
+            raise SystemExit(
+                f"data dir {data_dir} belongs to node {ident['node_id']!r}, not {wanted_id!r}"
+            )
+        return ident
+    ident = {"format": IDENTITY_FORMAT, "node_id": wanted_id or "n-" + secrets.token_hex(4), "tokens": []}
+    save_identity(data_dir, ident)
+    return ident
+
+
+def save_identity(data_dir: Path, ident: dict[str, Any]) -> None:
+    tmp = data_dir / (IDENTITY_FILE + ".tmp")
+    tmp.write_text(json.dumps(ident))
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, data_dir / IDENTITY_FILE)
+
+
+async def open_engine(config: NodeConfig) -> Engine:
+    if config.storage == "memory":
+        from kvstore.storage.memory import MemoryEngine
+
+        return MemoryEngine()
+    from kvstore.storage.sqlite import SqliteEngine
+
+    return await SqliteEngine.open(
+        config.data_dir / "kv.db", fsync=FsyncPolicy(config.fsync), fsync_interval_s=config.fsync_interval_s
+    )
+
+
+class Node:
+    """One running node. Create with `await Node.start(config, nursery)` or run `serve(config)`."""
+
+    def __init__(self, config: NodeConfig, transport: Transport, engine: Engine, ident: dict[str, Any]) -> None:
+        self.config = config
+        self.transport = transport
+        self.engine = engine
+        self.ident = ident
+        self.node_id: str = ident["node_id"]
+        self.store = LocalStore(engine, self.node_id, config.limits)
+        self.clock = HybridClock()
+        self.coordinator = Coordinator(self)
+        self.api = Api(self)
+        self.peers: dict[str, Peer] = {}          # by address
+        self.hint_counts: dict[str, int] = {}
+        self.address = ""
+        self.gossip: Gossip | None = None
+        self.background: trio.Nursery = None  # type: ignore[assignment]
+        self.stopping = trio.Event()
+        self.stopped = trio.Event()
+        self._server: Any = None
+        self.rng = random.Random(secrets.randbits(64))
+
+    # ---- the ClusterView the coordinator needs -----------------------------------------
+
+    def ring(self) -> Ring:
+        assert self.gossip is not None
+        return self.gossip.ring()
+
+    def is_up(self, node_id: str) -> bool:
+        assert self.gossip is not None
+        if not self.gossip.is_up(node_id):
+            return False
+        state = self.gossip.table.get(node_id)
+        return state is None or self.peer_for_address(state.address).reachable or node_id == self.node_id
+
+    def peer(self, node_id: str) -> Peer:
+        assert self.gossip is not None
+        state = self.gossip.table.get(node_id)
+        if state is None:
+            raise Unavailable(f"node {node_id} is not a member")
+        return self.peer_for_address(state.address)
+
+    def peer_for_address(self, address: str) -> Peer:
+        peer = self.peers.get(address)
+        if peer is None:
+            peer = Peer(address, address, self.transport, self.config.limits.max_message_bytes)
+            self.peers[address] = peer
+            for _ in range(2):
+                self.background.start_soon(peer.run_sender, self.config.replica_timeout_s)
+        return peer
+
+    @staticmethod
+    def now_ms() -> int:
+        return int(time.time() * 1000)
+
+    # ---- lifecycle ----------------------------------------------------------------------
+
+    async def _start_server(self) -> str:
+        node, limit, listen = self, self.config.limits.max_message_bytes, self.config.listen
+
+        async def start() -> tuple[Any, int]:
+            server = make_server(node, channel_options(limit))
+            port = server.add_insecure_port(listen)
+            if port == 0:
+                raise OSError(f"cannot listen on {listen}")
+            await server.start()
+            return server, port
+
+        self._server, port = await self.transport.run(start)
+        host = self.config.listen.rpartition(":")[0]
+        return self.config.advertise or f"{host}:{port}"
+
+    async def _gossip_call(self, address: str, kind: str, body: Any, timeout_s: float) -> Any:
+        return await self.peer_for_address(address).call(kind, body, timeout_s)
+
+    async def _join(self) -> None:
+        """Learn the cluster from seeds (if any), then take tokens: balanced against the ring."""
+        assert self.gossip is not None
+        tokens = tuple(self.ident.get("tokens") or ())
+        if not tokens:
+            if self.config.seeds:
+                with trio.move_on_after(30):
+                    while not any(s.node_id != self.node_id and s.status == Status.NORMAL
+                                  for s in self.gossip.table.values()):
+                        await self.gossip.round()
+                        await trio.sleep(self.gossip.interval_s)
+                if len(self.gossip.table) == 1:
+                    raise SystemExit(f"could not reach any seed of {', '.join(self.config.seeds)} in 30 s")
+            tokens = ringmod.allocate_tokens(
+                ring_of(self.gossip.table) if len(self.gossip.table) > 1 else None,
+                self.config.tokens_per_node,
+                self.rng,
+            )
+            self.ident["tokens"] = list(tokens)
+            save_identity(self.config.data_dir, self.ident)
+        self.gossip.set_me(NodeState(
+            self.node_id, self.address, self.gossip.me.generation, self.gossip.me.heartbeat + 1,
+            Status.NORMAL, tokens, self.config.zone, {},
+        ))
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self.background = nursery
+            self.address = await self._start_server()
+            me = NodeState(self.node_id, self.address, self.now_ms(), 0, Status.JOINING, (), self.config.zone, {})
+            self.gossip = Gossip(me, self.config.seeds, self.config.gossip_interval_s,
+                                 self._gossip_call, self.rng)
+            self.hint_counts = await self.engine.hint_counts()
+            await self._join()
+            nursery.start_soon(self.gossip.run)
+            nursery.start_soon(self._replay_hints_loop)
+            log.info("node %s serving on %s (%d tokens)", self.node_id, self.address, len(self.gossip.me.tokens))
+            task_status.started(self)
+            await self.stopping.wait()
+            await self._drain()
+            nursery.cancel_scope.cancel()
+        await self._close()
+
+    def request_stop(self) -> None:
+        self.stopping.set()
+
+    async def _drain(self) -> None:
+        server, grace = self._server, self.config.shutdown_grace_s
+        if server is not None:
+            async def stop() -> None:
+                await server.stop(grace)
+
+            with trio.move_on_after(grace + 1):
+                await self.transport.run(stop)
+
+    async def _close(self) -> None:
+        with trio.CancelScope(shield=True):
+            for peer in list(self.peers.values()):
+                with trio.move_on_after(2):
+                    await peer.aclose()
+            await self.engine.aclose()
+            self.stopped.set()
+
+    # ---- replica side ---------------------------------------------------------------------
+
+    async def handle_batch(self, payload: bytes) -> bytes:
+        batch_id, ops = wire.decode_batch(payload)
+        results: list[tuple[int, Any]] = [(0, None)] * len(ops)
+        writes = [(i, op) for i, op in enumerate(ops) if isinstance(op, WriteOp)]
+        reads = [(i, op) for i, op in enumerate(ops) if isinstance(op, ReadOp)]
+        for i, op in enumerate(ops):
+            if isinstance(op, KvError):
+                results[i] = (number_of(code_of(op)), message_of(op))
+        accepted = []
+        for i, op in writes:
+            if op.hint_for:
+                held = self.hint_counts.get(op.hint_for, 0)
+                if held >= self.config.hint_max_per_target:
+                    if held == self.config.hint_max_per_target:
+                        log.warning("hint store for %s is full (%d hints): refusing more", op.hint_for, held)
+                    exc = ResourceExhausted(f"hints for {op.hint_for}: limit of {self.config.hint_max_per_target} reached")
+                    results[i] = (number_of(code_of(exc)), message_of(exc))
+                    self.hint_counts[op.hint_for] = held + 1
+                    continue
+                self.hint_counts[op.hint_for] = held + 1
+            accepted.append((i, op))
+        if accepted:
+            merged = await self.store.merge_many(
+                [(op.key, op.siblings) for _, op in accepted], [op.hint_for for _, op in accepted]
+            )
+            for (i, _), res in zip(accepted, merged):
+                if isinstance(res, BaseException):
+                    results[i] = (number_of(code_of(res)), message_of(res))
+        if reads:
+            stored = await self.store.read_many([op.key for _, op in reads])
+            for (i, _), res in zip(reads, stored):
+                if isinstance(res, KvError):
+                    results[i] = (number_of(code_of(res)), message_of(res))
+                else:
+                    results[i] = (0, [sibling_to_wire(s) for s in res])
+        return wire.encode_reply(batch_id, results)
+
+    async def handle_call(self, payload: bytes) -> bytes:
+        try:
+            kind, body = wire.decode_call(payload)
+            reply = await self._dispatch_call(kind, body)
+            return wire.packb([wire.WIRE_FORMAT, 0, reply])
+        except KvError as exc:
+            return wire.packb([wire.WIRE_FORMAT, number_of(code_of(exc)), message_of(exc)])
+
+    async def _dispatch_call(self, kind: str, body: Any) -> Any:
+        assert self.gossip is not None
+        if kind == "gossip":
+            try:
+                self.gossip.receive(body)
+            except ValueError as exc:
+                raise InvalidArgument(str(exc)) from None
+            return self.gossip.states()
+        if kind == "ping":
+            return self.node_id
+        if kind == "holds":
+            if not isinstance(body, bytes):
+                raise InvalidArgument("holds: body must be a key (bytes)")
+            [sibs] = await self.store.read_many([body])
+            hinted = 0
+            for target in self.hint_counts:
+                hinted += sum(1 for k, _ in await self.engine.hints_for(target, 1_000_000) if k == body)
+            return [len(sibs) if isinstance(sibs, list) else -1, hinted]
+        if kind == "status":
+            return self.own_view()
+        raise InvalidArgument(f"call: unknown kind {kind[:32]!r}")
+
+    # ---- hinted handoff ----------------------------------------------------------------
+
+    async def _replay_hints_loop(self) -> None:
+        while True:
+            await trio.sleep(self.config.hint_replay_interval_s)
+            try:
+                await self.replay_hints()
+            except KvError as exc:
+                log.info("hint replay paused: %s", exc)
+
+    async def replay_hints(self) -> int:
+        """Send held hints to owners that are up; a hint is deleted only after its owner acks."""
+        assert self.gossip is not None
+        self.hint_counts = {t: c for t, c in (await self.engine.hint_counts()).items() if c}
+        replayed = 0
+        for target, count in list(self.hint_counts.items()):
+            if target == self.node_id or target not in self.gossip.table or not self.is_up(target):
+                continue
+            hints = await self.engine.hints_for(target, self.config.hint_replay_batch)
+            if not hints:
+                continue
+            from kvstore.core.records import decode_record
+
+            ops = []
+            for key, record in hints:
+                try:
+                    ops.append(WriteOp(key, decode_record(record, key)))
+                except KvError as exc:
+                    log.error("dropping corrupt hint for %s: %s", target, exc)
+            replies = await self.peer(target).replicate(ops, self.config.replica_timeout_s)
+            acked = [(k, r) for (k, r), (code, _) in zip(hints, replies) if code == 0]
+            deleted = await self.engine.delete_hints_if_unchanged(target, acked)
+            replayed += deleted
+            self.hint_counts[target] = count - deleted
+            log.info("replayed %d hints to %s (%d left)", deleted, target, self.hint_counts[target])
+        return replayed
+
+    # ---- public and admin responses ------------------------------------------------------
+
+    async def forward(self, target: str, method: str, request: Any, deadline: float) -> Any:
+        peer = self.peer(target)
+        stub = await peer.stub("kv")
+        timeout = max(deadline - trio.current_time(), 0.001)
+
+        async def call() -> Any:
+            return await getattr(stub, method)(request, timeout=timeout, metadata=((FORWARDED_HEADER, "1"),))
+
+        try:
+            return await self.transport.run(call)
+        except grpc.aio.AioRpcError as exc:
+            from kvstore.node.status import error_from
+
+            raise error_from(exc.code(), f"forwarded to {target}: {exc.details()}") from None
+
+    async def ring_response(self) -> kv_pb2.RingResponse:
+        assert self.gossip is not None
+        nodes = [
+            kv_pb2.RingNode(node_id=s.node_id, address=s.address, zone=s.zone, tokens=list(s.tokens),
+                            up=self.is_up(s.node_id))
+            for s in self.gossip.table.values() if s.tokens and s.status in (Status.NORMAL, Status.LEAVING)
+        ]
+        digest = self.ring().digest()
+        return kv_pb2.RingResponse(nodes=nodes, n=self.config.replication_factor, epoch=int(digest[:15], 16))
+
+    def own_view(self) -> dict[str, Any]:
+        assert self.gossip is not None
+        ring = self.ring()
+        share = ring.ownership() if len(ring) else {}
+        return {
+            "node_id": self.node_id,
+            "address": self.address,
+            "ring_digest": ring.digest(),
+            "replication_factor": self.config.replication_factor,
+            "warning": ring.warning_for(self.config.replication_factor) if len(ring) else "ring is empty",
+            "members": [
+                {
+                    "node_id": s.node_id, "address": s.address, "zone": s.zone, "status": s.status.value,
+                    "up": self.is_up(s.node_id), "tokens": len(s.tokens), "ownership": share.get(s.node_id, 0.0),
+                    "generation": s.generation, "heartbeat": s.heartbeat,
+                }
+                for s in sorted(self.gossip.table.values(), key=lambda s: s.address)
+            ],
+            "hints": dict(self.hint_counts),
+            "read_repairs": self.coordinator.repairs,
+        }
+
+    async def status_response(self) -> admin_pb2.StatusResponse:
+        return admin_pb2.StatusResponse(payload=wire.packb(self.own_view()))
+
+    async def locate(self, key: bytes) -> admin_pb2.LocateResponse:
+        self.config.limits.check_key(key)
+        assert self.gossip is not None
+        ring = self.ring()
+        pref = ring.preference_list(key, self.config.replication_factor) if len(ring) else []
+        replicas = []
+        for state in sorted(self.gossip.table.values(), key=lambda s: s.node_id):
+            if state.status not in (Status.NORMAL, Status.LEAVING, Status.JOINING):
+                continue
+            try:
+                if state.node_id == self.node_id:
+                    stored, _ = await self._dispatch_call("holds", key)
+                else:
+                    stored, _ = await self.peer(state.node_id).call("holds", key, self.config.replica_timeout_s)
+            except KvError:
+                stored = -1
+            replicas.append(admin_pb2.Replica(
+                node_id=state.node_id, address=state.address, primary=state.node_id in pref,
+                stored=stored > 0, siblings=max(stored, 0),
+            ))
+        return admin_pb2.LocateResponse(token=ringmod.key_token(key), replicas=replicas)
+
+
+async def serve(config: NodeConfig, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """Run a node until request_stop() (or cancellation); everything is closed on return."""
+    ident = load_identity(config.data_dir, config.node_id)
+    engine = await open_engine(config)
+    try:
+        async with open_transport() as transport:
+            node = Node(config, transport, engine, ident)
+            await node.run(task_status=task_status)
+    finally:
+        with trio.CancelScope(shield=True):
+            await engine.aclose()

@@ -1,0 +1,70 @@
+"""Record and context byte formats: round trips, version checks, hostile input."""
+from __future__ import annotations
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvstore.core.records import (
+    decode_context,
+    decode_record,
+    encode_context,
+    encode_record,
+)
+from kvstore.core.versions import Sibling
+from kvstore.errors import DataLoss, InvalidArgument
+
+siblings = st.lists(
+    st.builds(
+        Sibling,
+        node=st.text(min_size=1, max_size=8),
+        counter=st.integers(1, 2**64 - 1),
+        vv=st.dictionaries(st.text(min_size=1, max_size=4), st.integers(1, 2**64 - 1), max_size=3),
+        value=st.one_of(st.none(), st.binary(max_size=64)),
+        hlc=st.integers(0, 2**64 - 1),
+        expires_at_ms=st.integers(0, 2**64 - 1),
+    ),
+    max_size=4,
+)
+
+
+@settings(max_examples=100)
+@given(siblings)
+def test_record_round_trips(sibs: list[Sibling]) -> None:
+    assert decode_record(encode_record(sibs)) == sibs
+
+
+def test_record_carries_its_format_version() -> None:
+    assert msgpack.unpackb(encode_record([]))[0] == 1
+
+
+def test_unknown_record_format_is_data_loss_naming_the_key() -> None:
+    with pytest.raises(DataLoss, match="b'k'.*unknown record format 9"):
+        decode_record(msgpack.packb([9, []]), b"k")
+
+
+@settings(max_examples=200)
+@given(st.binary(max_size=64))
+def test_random_bytes_never_decode_to_garbage(data: bytes) -> None:
+    try:
+        decode_record(data)
+    except DataLoss:
+        pass
+
+
+def test_context_round_trips_and_empty_means_none() -> None:
+    assert decode_context(encode_context({"a": 3})) == {"a": 3}
+    assert decode_context(b"") == {}
+
+
+@pytest.mark.parametrize("bad", [b"\xff", msgpack.packb([2, {}]), msgpack.packb([1, {"a": -1}]),
+                                 msgpack.packb([1, {"a": "x"}]), msgpack.packb("hello")])
+def test_forged_context_is_invalid_argument(bad: bytes) -> None:
+    with pytest.raises(InvalidArgument, match="context"):
+        decode_context(bad)
+
+
+def test_oversized_context_names_the_limit() -> None:
+    with pytest.raises(InvalidArgument, match="exceeds the limit of 65536"):
+        decode_context(b"x" * 70000)
