@@ -1,0 +1,140 @@
+"""Three real nodes in-process: placement, quorums, hinted handoff, siblings, read repair."""
+from __future__ import annotations
+
+import pytest
+import trio
+
+from kvstore.core.records import decode_record, encode_record
+from kvstore.errors import Unavailable
+from tests.node.conftest import eventually
+
+
+async def stored_on(nodes_list, key: bytes) -> list[str]:
+    """Node ids whose own storage holds a record for key (read directly from each engine)."""
+    out = []
+    for n in nodes_list:
+        [raw] = await n.engine.get_many([key])
+        if raw is not None:
+            out.append(n.node_id)
+    return sorted(out)
+
+
+async def test_every_key_lands_on_exactly_n_replicas_of_its_preference_list(nodes) -> None:
+    cluster = await nodes.cluster(4)
+    keys = [b"key-%d" % i for i in range(200)]
+    async with nodes.client(cluster[0]) as kv:
+        results = await kv.put_many([(k, k) for k in keys])
+        assert all(isinstance(r, bytes) for r in results)
+        for node in cluster:  # readable through every coordinator
+            async with nodes.client(node, token_aware=False) as one:
+                got = await one.get_many(keys[:20])
+                assert [g.value for g in got] == keys[:20]
+    ring = cluster[0].ring()
+    for key in keys:
+        await eventually(lambda: _n_copies(cluster, key, 3), what=f"3 copies of {key!r}")
+        assert await stored_on(cluster, key) == sorted(ring.preference_list(key, 3))
+
+
+async def _n_copies(cluster, key, n) -> bool:
+    return len(await stored_on(cluster, key)) == n
+
+
+async def test_locate_reports_where_a_key_is_stored(nodes) -> None:
+    cluster = await nodes.cluster(4)
+    async with nodes.client(cluster[0]) as kv:
+        await kv.put(b"where", b"x", w="all")
+        loc = await kv.locate(b"where")
+    stored = sorted(r.node_id for r in loc.replicas if r.stored)
+    primaries = sorted(r.node_id for r in loc.replicas if r.primary)
+    assert stored == primaries and len(stored) == 3
+
+
+async def test_quorum_survives_one_dead_replica_and_hints_reach_it_after_restart(nodes, tmp_path) -> None:
+    cluster = await nodes.cluster(4, storage="sqlite")
+    victim = cluster[3]
+    survivors = cluster[:3]
+    await nodes.stop(victim)
+    await eventually(lambda: _all_see_down(survivors, victim.node_id), what="victim marked down")
+    async with nodes.client(*survivors) as kv:
+        keys = [b"during-outage-%d" % i for i in range(100)]
+        assert all(isinstance(r, bytes) for r in await kv.put_many([(k, b"v") for k in keys]))
+        got = await kv.get_many(keys)
+        assert all(g.value == b"v" for g in got)
+    victims_keys = [k for k in keys if victim.node_id in survivors[0].ring().preference_list(k, 3)]
+    assert victims_keys, "some keys must belong to the victim"
+    held = 0
+    for n in survivors:
+        held += (await n.engine.hint_counts()).get(victim.node_id, 0)
+    assert held == len(victims_keys)  # each missed write is held as a hint by exactly one fallback
+
+    restarted = await nodes.start(victim.node_id, seeds=tuple(n.address for n in survivors), storage="sqlite")
+    await eventually(lambda: _holds_all(restarted, victims_keys), timeout_s=20, what="hints replayed")
+    await eventually(lambda: _no_hints(survivors, victim.node_id), what="hints deleted after ack")
+    for key in victims_keys:
+        [raw] = await restarted.engine.get_many([key])
+        assert [s.value for s in decode_record(raw, key)] == [b"v"]
+
+
+async def _all_see_down(nodes_list, node_id) -> bool:
+    return all(not n.is_up(node_id) for n in nodes_list)
+
+
+async def _holds_all(node, keys) -> bool:
+    return all(r is not None for r in await node.engine.get_many(keys))
+
+
+async def _no_hints(nodes_list, target) -> bool:
+    for n in nodes_list:
+        if (await n.engine.hint_counts()).get(target, 0):
+            return False
+    return True
+
+
+async def test_strict_quorum_counts_only_primaries(nodes) -> None:
+    cluster = await nodes.cluster(3)
+    await nodes.stop(cluster[2])
+    await eventually(lambda: _all_see_down(cluster[:2], cluster[2].node_id), what="down")
+    async with nodes.client(*cluster[:2]) as kv:
+        await kv.put(b"k", b"v", w="quorum", strict=True)
+        with pytest.raises(Unavailable, match=r"w: got 2 of 3"):
+            await kv.put(b"k", b"v", w="all", timeout_s=2)  # no spare node for a hint in 3 nodes
+
+
+async def test_stale_contexts_from_two_clients_become_siblings_then_resolve(nodes) -> None:
+    cluster = await nodes.cluster(3)
+    async with nodes.client(cluster[0], token_aware=False) as a, nodes.client(cluster[1], token_aware=False) as b:
+        await a.put(b"doc", b"v0")
+        ctx = (await a.get(b"doc")).context
+        await a.put(b"doc", b"from-a", context=ctx)
+        await b.put(b"doc", b"from-b", context=ctx)
+        got = await a.get(b"doc", r="all")
+        assert sorted(s.value for s in got.siblings) == [b"from-a", b"from-b"]
+        await b.put(b"doc", b"merged", context=got.context)
+        assert [s.value for s in (await a.get(b"doc", r="all")).siblings] == [b"merged"]
+
+
+async def test_read_repairs_a_stale_replica(nodes) -> None:
+    cluster = await nodes.cluster(3)
+    async with nodes.client(cluster[0]) as kv:
+        await kv.put(b"k", b"old", w="all")
+        old = {n.node_id: (await n.engine.get_many([b"k"]))[0] for n in cluster}
+        await kv.put(b"k", b"new", w="all", context=(await kv.get(b"k")).context)
+        stale = cluster[1]
+        # roll one replica back to the old version behind the cluster's back
+        await stale.engine.update_many([(b"k", lambda _: old[stale.node_id])])
+        assert await kv.get(b"k", r="all") is not None
+
+    async def repaired() -> bool:
+        [raw] = await stale.engine.get_many([b"k"])
+        return [s.value for s in decode_record(raw)] == [b"new"]
+
+    await eventually(repaired, what="read repair")
+    assert any(n.coordinator.repairs for n in cluster)
+
+
+async def test_cluster_smaller_than_n_warns_and_serves(nodes) -> None:
+    cluster = await nodes.cluster(2)
+    async with nodes.client(cluster[0]) as kv:
+        await kv.put(b"k", b"v", w="all")
+        status = await kv.status()
+    assert "fewer than replication factor n=3" in status["warning"]
