@@ -1,8 +1,10 @@
 """kvstore: a Dynamo-style distributed key-value store.
 
 The public surface: `Client` (trio) and `SyncClient`, the resolver helpers, and the error classes.
+The clients load lazily, so pure modules (kvstore.core) import without grpc.
 """
-from kvstore.client import Client, SyncClient, Version, Versions, latest
+from typing import Any
+
 from kvstore.errors import (
     DataLoss,
     DeadlineExceeded,
@@ -16,8 +18,18 @@ from kvstore.errors import (
     Unavailable,
 )
 
+_CLIENT_NAMES = ("Client", "SyncClient", "Version", "Versions", "latest")
+
 __all__ = [
-    "Client", "SyncClient", "Version", "Versions", "latest",
+    *_CLIENT_NAMES,
     "KvError", "InvalidArgument", "NotFound", "StaleContext", "Unavailable", "DeadlineExceeded",
     "ResourceExhausted", "DataLoss", "Unauthenticated", "PermissionDenied",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _CLIENT_NAMES:
+        from kvstore import client
+
+        return getattr(client, name)
+    raise AttributeError(f"module 'kvstore' has no attribute {name!r}")

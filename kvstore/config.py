@@ -36,6 +36,7 @@ class NodeConfig:
     hint_replay_batch: int = 256         # hints per replay batch: bounded replay rate
     read_repair: bool = True             # repair stale replicas seen by reads, in the background
     tombstone_grace_s: float = 10 * 86400.0  # Cassandra gc_grace_seconds default
+    tombstone_purge_interval_s: float = 3600.0  # how often to look for purgeable tombstones
     shutdown_grace_s: float = 5.0        # SIGTERM: how long in-flight requests may finish
     test_hooks: bool = False             # enables fault-injection admin calls; never in production
     limits: Limits = field(default_factory=Limits)
@@ -64,6 +65,7 @@ class NodeConfig:
         need(self.phi_threshold > 0, "phi_threshold: must be > 0")
         need(self.hint_max_per_target >= 0, "hint_max_per_target: must be >= 0")
         need(self.tombstone_grace_s >= 0, "tombstone_grace_s: must be >= 0")
+        need(self.tombstone_purge_interval_s > 0, "tombstone_purge_interval_s: must be > 0")
         for name, addr in [("listen", self.listen)] + [("seeds", s) for s in self.seeds]:
             host, sep, port = addr.rpartition(":")
             need(bool(sep and host and port.isdigit()), f"{name}: {addr!r} is not host:port")

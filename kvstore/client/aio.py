@@ -199,9 +199,10 @@ class Client:
                 attempt += 1
                 avoid.add(address)
                 self._topology_at = -1e9  # the ring may have changed: refresh before the next try
-                if not idempotent or attempt > self.retries:
+                backoff = min(0.05 * 2**attempt, 1.0) * self._rng.uniform(0.5, 1.5)
+                if not idempotent or attempt > self.retries or trio.current_time() + backoff >= deadline:
                     raise
-                await trio.sleep(min(0.05 * 2**attempt, 1.0) * self._rng.uniform(0.5, 1.5))
+                await trio.sleep(backoff)
 
     # ---- single-key operations -------------------------------------------------------------
 

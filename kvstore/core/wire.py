@@ -6,7 +6,9 @@ InvalidArgument naming the problem, so a malformed or hostile peer message costs
 Replica batch (on the Stream RPC):   [1, batch_id, [op, ...]]
   op: ["w", key, siblings, hint_for]  merge `siblings` into the record (hint_for: "" or node id
                                       when the receiver holds the write for a down owner)
-      ["r", key]                      read the record (data plus any hints held for the key)
+      ["r", key]                      read the record
+      ["p", key, [[node, counter], ...]]  purge: delete the record if it is exactly these
+                                      tombstones (tombstone GC, after every replica has them)
 Reply:                               [1, batch_id, [[code, payload], ...]]  (code 0 = ok)
 Call (unary):                        [1, kind, body]  -> [1, code, body]
 """
@@ -37,7 +39,13 @@ class ReadOp:
     key: bytes
 
 
-ReplicaOp = WriteOp | ReadOp
+@dataclass(frozen=True, slots=True)
+class PurgeOp:
+    key: bytes
+    dots: frozenset[tuple[str, int]]
+
+
+ReplicaOp = WriteOp | ReadOp | PurgeOp
 
 
 def packb(obj: Any) -> bytes:
@@ -52,13 +60,16 @@ def unpackb(data: bytes) -> Any:
 
 
 def encode_batch(batch_id: int, ops: Sequence[ReplicaOp]) -> bytes:
-    wire = [
-        ["w", op.key, [sibling_to_wire(s) for s in op.siblings], op.hint_for]
-        if isinstance(op, WriteOp)
-        else ["r", op.key]
-        for op in ops
-    ]
+    wire = [_encode_op(op) for op in ops]
     return packb([WIRE_FORMAT, batch_id, wire])
+
+
+def _encode_op(op: ReplicaOp) -> list:
+    if isinstance(op, WriteOp):
+        return ["w", op.key, [sibling_to_wire(s) for s in op.siblings], op.hint_for]
+    if isinstance(op, PurgeOp):
+        return ["p", op.key, [list(d) for d in sorted(op.dots)]]
+    return ["r", op.key]
 
 
 def decode_batch(data: bytes) -> tuple[int, list[ReplicaOp | InvalidArgument]]:
@@ -89,6 +100,12 @@ def _decode_op(raw: Any) -> ReplicaOp:
         return WriteOp(raw[1], siblings_from_wire(raw[2]), raw[3])
     if kind == "r" and len(raw) == 2 and isinstance(raw[1], bytes):
         return ReadOp(raw[1])
+    if kind == "p" and len(raw) == 3 and isinstance(raw[1], bytes) and isinstance(raw[2], list):
+        dots = raw[2]
+        if not all(isinstance(d, list) and len(d) == 2 and isinstance(d[0], str) and isinstance(d[1], int)
+                   for d in dots):
+            raise ValueError("purge dots must be [node, counter] pairs")
+        return PurgeOp(raw[1], frozenset((d[0], d[1]) for d in dots))
     raise ValueError(f"unknown or malformed op {str(kind)[:16]!r}")
 
 

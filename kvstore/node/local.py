@@ -109,6 +109,25 @@ class LocalStore:
                 out[i] = self._decoded(r, k)
         return out
 
+    async def purge_many(self, items: Sequence[tuple[bytes, frozenset[tuple[str, int]]]]) -> int:
+        """Delete records that are exactly the given tombstones (anything else is left alone)."""
+        purged = [False] * len(items)
+
+        def updater(i: int, key: bytes, dots: frozenset[tuple[str, int]]):
+            def apply(old: bytes | None) -> bytes | None:
+                if old is None:
+                    return None
+                local = decode_record(old, key)
+                if all(s.tombstone for s in local) and {s.dot for s in local} == dots:
+                    purged[i] = True
+                    return None
+                return old
+
+            return apply
+
+        await self.engine.update_many([(k, updater(i, k, d)) for i, (k, d) in enumerate(items)])
+        return sum(purged)
+
     async def read_many(self, keys: Sequence[bytes]) -> list[list[Sibling] | KvError]:
         """Stored siblings per key; a corrupt record yields DataLoss in its slot only."""
         raw = await self.engine.get_many(keys)

@@ -22,7 +22,9 @@ from kvstore.core.hlc import HybridClock
 from kvstore.core.membership import NodeState, Status, ring_of
 from kvstore.core.records import sibling_to_wire
 from kvstore.core.ring import Ring
-from kvstore.core.wire import ReadOp, WriteOp
+from kvstore.core.hlc import physical_ms
+from kvstore.core.records import decode_record, siblings_from_wire
+from kvstore.core.wire import PurgeOp, ReadOp, WriteOp
 from kvstore.errors import InvalidArgument, KvError, ResourceExhausted, Unavailable
 from kvstore.node.api import FORWARDED_HEADER, Api
 from kvstore.node.bridge import Transport, open_transport
@@ -190,6 +192,7 @@ class Node:
             await self._join()
             nursery.start_soon(self.gossip.run)
             nursery.start_soon(self._replay_hints_loop)
+            nursery.start_soon(self._purge_loop)
             log.info("node %s serving on %s (%d tokens)", self.node_id, self.address, len(self.gossip.me.tokens))
             task_status.started(self)
             await self.stopping.wait()
@@ -224,6 +227,9 @@ class Node:
         results: list[tuple[int, Any]] = [(0, None)] * len(ops)
         writes = [(i, op) for i, op in enumerate(ops) if isinstance(op, WriteOp)]
         reads = [(i, op) for i, op in enumerate(ops) if isinstance(op, ReadOp)]
+        purges = [(op.key, op.dots) for op in ops if isinstance(op, PurgeOp)]
+        if purges:
+            await self.store.purge_many(purges)
         for i, op in enumerate(ops):
             if isinstance(op, KvError):
                 results[i] = (number_of(code_of(op)), message_of(op))
@@ -307,8 +313,6 @@ class Node:
             hints = await self.engine.hints_for(target, self.config.hint_replay_batch)
             if not hints:
                 continue
-            from kvstore.core.records import decode_record
-
             ops = []
             for key, record in hints:
                 try:
@@ -322,6 +326,79 @@ class Node:
             self.hint_counts[target] = count - deleted
             log.info("replayed %d hints to %s (%d left)", deleted, target, self.hint_counts[target])
         return replayed
+
+    # ---- tombstone GC ---------------------------------------------------------------------
+
+    async def _purge_loop(self) -> None:
+        while True:
+            await trio.sleep(self.config.tombstone_purge_interval_s)
+            try:
+                await self.purge_tombstones()
+            except KvError as exc:
+                log.info("tombstone purge paused: %s", exc)
+
+    async def purge_tombstones(self, page: int = 1000) -> int:
+        """Delete tombstones older than the grace period that every replica holds identically.
+
+        Only the first replica of a key's preference list does the work, and only when all N
+        replicas answer with the very same tombstones: a replica that missed the delete would
+        otherwise bring the value back (zombie data)."""
+        n = self.config.replication_factor
+        cutoff = self.now_ms() - int(self.config.tombstone_grace_s * 1000)
+        purged, after = 0, None
+        while True:
+            rows = await self.engine.scan(after, page)
+            if not rows:
+                return purged
+            after = rows[-1][0]
+            ring = self.ring()
+            candidates: list[tuple[bytes, frozenset[tuple[str, int]], list[str]]] = []
+            for key, raw in rows:
+                try:
+                    sibs = decode_record(raw, key)
+                except KvError:
+                    continue
+                if not sibs or not all(s.tombstone and physical_ms(s.hlc) < cutoff for s in sibs):
+                    continue
+                pref = ring.preference_list(key, n)
+                if pref and pref[0] == self.node_id and len(pref) == min(n, len(ring)):
+                    candidates.append((key, frozenset(s.dot for s in sibs), pref))
+            purged += await self._purge_candidates(candidates)
+
+    async def _purge_candidates(self, candidates: list[tuple[bytes, frozenset[tuple[str, int]], list[str]]]) -> int:
+        if not candidates:
+            return 0
+        agreed: dict[bytes, frozenset[tuple[str, int]]] = {k: d for k, d, _ in candidates}
+        by_peer: dict[str, list[bytes]] = {}
+        for key, _, pref in candidates:
+            for node_id in pref:
+                if node_id != self.node_id:
+                    by_peer.setdefault(node_id, []).append(key)
+        for node_id, keys in by_peer.items():
+            try:
+                replies = await self.peer(node_id).replicate([ReadOp(k) for k in keys], self.config.replica_timeout_s)
+            except KvError:
+                replies = [(14, None)] * len(keys)
+            for key, (code, payload) in zip(keys, replies):
+                ok = code == 0 and isinstance(payload, list)
+                if ok:
+                    try:
+                        theirs = siblings_from_wire(payload)
+                        ok = all(s.tombstone for s in theirs) and {s.dot for s in theirs} == agreed.get(key)
+                    except (ValueError, TypeError):
+                        ok = False
+                if not ok:
+                    agreed.pop(key, None)
+        if not agreed:
+            return 0
+        for node_id, keys in by_peer.items():
+            ops = [PurgeOp(k, agreed[k]) for k in keys if k in agreed]
+            if ops:
+                try:
+                    await self.peer(node_id).replicate(ops, self.config.replica_timeout_s)
+                except KvError as exc:
+                    log.info("purge on %s failed (it keeps its tombstones): %s", node_id, exc)
+        return await self.store.purge_many(list(agreed.items()))
 
     # ---- public and admin responses ------------------------------------------------------
 

@@ -5,6 +5,7 @@ import pytest
 import trio
 
 from kvstore.core.records import decode_record, encode_record
+from kvstore.core.versions import Sibling
 from kvstore.errors import Unavailable
 from tests.node.conftest import eventually
 
@@ -138,3 +139,25 @@ async def test_cluster_smaller_than_n_warns_and_serves(nodes) -> None:
         await kv.put(b"k", b"v", w="all")
         status = await kv.status()
     assert "fewer than replication factor n=3" in status["warning"]
+
+
+async def test_tombstones_are_purged_only_when_every_replica_holds_them(nodes) -> None:
+    cluster = await nodes.cluster(3, tombstone_grace_s=0.0)
+    async with nodes.client(cluster[0]) as kv:
+        await kv.put(b"gone", b"v", w="all")
+        await kv.put(b"partial", b"v", w="all")
+        await kv.delete(b"gone", w="all")
+        await kv.delete(b"partial", w="all")
+    # one replica of "partial" still has the live value: nothing may be purged for it
+    lagging = cluster[2]
+    await trio.sleep(0.01)  # the tombstones must be older than the (zero) grace period
+    old_value = [Sibling("elsewhere", 1, {}, b"v", 1)]
+    await lagging.engine.update_many([(b"partial", lambda _: encode_record(old_value))])
+    purged = 0
+    for n in cluster:
+        purged += await n.purge_tombstones()
+    assert purged == 1
+    assert await stored_on(cluster, b"gone") == []
+    assert len(await stored_on(cluster, b"partial")) == 3
+    async with nodes.client(cluster[0]) as kv:
+        assert not (await kv.get(b"gone", r="all")).found

@@ -1,0 +1,179 @@
+"""The in-memory engine (tests, `--storage memory`) and the pieces every engine shares.
+
+`apply_updates` is the one definition of updater semantics (in order, composing, failing per item);
+the sqlite engine runs the same function inside its writer thread, so both engines agree by
+construction. Nothing here survives the process.
+"""
+from __future__ import annotations
+
+import bisect
+import dataclasses
+from collections import Counter
+from typing import Callable, Hashable, Sequence, TypeVar
+
+import trio
+
+from kvstore.storage.base import Updater, UpdateResult
+
+K = TypeVar("K", bound=Hashable)
+
+
+@dataclasses.dataclass
+class EngineStats:
+    """Counters for tests and benchmarks, written by the engine's writer: read, don't set."""
+
+    #: update_many / hint_update_many / delete_hints_if_unchanged calls accepted.
+    calls: int = 0
+    #: Individual updates applied (including ones whose updater raised).
+    updates: int = 0
+    #: Committed transactions. With group commit this is below `calls` under concurrency.
+    transactions: int = 0
+    #: Transactions that failed as a whole (every call in them got the error).
+    failed_transactions: int = 0
+    #: Background WAL checkpoints run (sqlite only).
+    checkpoints: int = 0
+    #: Explicit fsyncs of the WAL file under FsyncPolicy.BATCH (sqlite only).
+    wal_fsyncs: int = 0
+
+
+def apply_updates(
+    ops: Sequence[tuple[K, Updater]],
+    staged: dict[K, bytes | None],
+    load: Callable[[K], bytes | None],
+) -> list[UpdateResult]:
+    """Run updaters in order; each sees what the previous ones left for its key.
+
+    `staged` holds records already changed in this transaction (it is updated in place; None means
+    deleted); `load` gives the committed record of a key not staged yet. An updater that raises, or
+    returns something other than bytes/None, fails only its own item: its exception is the result
+    and the record is left as it was.
+    """
+    results: list[UpdateResult] = []
+    for key, updater in ops:
+        old = staged[key] if key in staged else load(key)
+        try:
+            new = updater(old)
+            if new is not None and not isinstance(new, bytes):
+                if not isinstance(new, (bytearray, memoryview)):
+                    raise TypeError(
+                        f"updater returned {type(new).__name__}; expected bytes or None"
+                    )
+                new = bytes(new)
+        except Exception as exc:  # noqa: BLE001 - the caller gets it back in this item's slot
+            results.append(exc)
+            continue
+        staged[key] = new
+        results.append(new)
+    return results
+
+
+def unchanged_deleter(expected: bytes, deleted: list[bool]) -> Updater:
+    """Updater for delete_hints_if_unchanged: delete only if the record is still `expected`."""
+
+    def update(current: bytes | None) -> bytes | None:
+        if current is not None and current == expected:
+            deleted.append(True)
+            return None
+        return current
+
+    return update
+
+
+def check_limit(limit: int) -> None:
+    # SQL treats a negative LIMIT as "no limit"; refuse it so both engines agree.
+    if limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit}")
+
+
+class MemoryEngine:
+    """Engine protocol over plain dicts; every call is one 'transaction' and atomic in trio."""
+
+    def __init__(self) -> None:
+        self._data: dict[bytes, bytes] = {}
+        self._hints: dict[tuple[str, bytes], bytes] = {}
+        # Sorted keys for scan, rebuilt only when the key set changes (not on overwrite), so paging
+        # through a large store is not quadratic.
+        self._sorted_keys: list[bytes] | None = None
+        self._closed = False
+        self.stats = EngineStats()
+
+    async def _enter(self) -> None:
+        await trio.lowlevel.checkpoint()
+        if self._closed:
+            raise trio.ClosedResourceError("storage engine is closed")
+
+    def _commit(self, table: dict[K, bytes], staged: dict[K, bytes | None]) -> bool:
+        """Apply staged records; return True when the set of keys changed."""
+        keys_changed = False
+        for key, record in staged.items():
+            if record is None:
+                keys_changed |= table.pop(key, None) is not None
+            else:
+                keys_changed |= key not in table
+                table[key] = record
+        self.stats.transactions += 1
+        return keys_changed
+
+    def _update(
+        self, table: dict[K, bytes], ops: Sequence[tuple[K, Updater]]
+    ) -> list[UpdateResult]:
+        if not ops:
+            return []
+        staged: dict[K, bytes | None] = {}
+        results = apply_updates(ops, staged, table.get)
+        self.stats.calls += 1
+        self.stats.updates += len(ops)
+        if self._commit(table, staged) and table is self._data:
+            self._sorted_keys = None
+        return results
+
+    async def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
+        await self._enter()
+        return [self._data.get(bytes(key)) for key in keys]
+
+    async def update_many(self, updates: Sequence[tuple[bytes, Updater]]) -> list[UpdateResult]:
+        await self._enter()
+        return self._update(self._data, [(bytes(key), updater) for key, updater in updates])
+
+    async def scan(self, after: bytes | None, limit: int) -> list[tuple[bytes, bytes]]:
+        await self._enter()
+        check_limit(limit)
+        if self._sorted_keys is None:
+            self._sorted_keys = sorted(self._data)
+        keys = self._sorted_keys
+        start = 0 if after is None else bisect.bisect_right(keys, bytes(after))
+        return [(key, self._data[key]) for key in keys[start : start + limit]]
+
+    async def count(self) -> int:
+        await self._enter()
+        return len(self._data)
+
+    async def hint_update_many(
+        self, updates: Sequence[tuple[str, bytes, Updater]]
+    ) -> list[UpdateResult]:
+        await self._enter()
+        ops = [((target, bytes(key)), updater) for target, key, updater in updates]
+        return self._update(self._hints, ops)
+
+    async def hints_for(self, target: str, limit: int) -> list[tuple[bytes, bytes]]:
+        await self._enter()
+        check_limit(limit)
+        keys = sorted(key for (owner, key) in self._hints if owner == target)[:limit]
+        return [(key, self._hints[(target, key)]) for key in keys]
+
+    async def hint_counts(self) -> dict[str, int]:
+        await self._enter()
+        return dict(Counter(target for target, _ in self._hints))
+
+    async def delete_hints_if_unchanged(
+        self, target: str, items: Sequence[tuple[bytes, bytes]]
+    ) -> int:
+        await self._enter()
+        deleted: list[bool] = []
+        ops = [((target, bytes(key)), unchanged_deleter(record, deleted)) for key, record in items]
+        self._update(self._hints, ops)
+        return len(deleted)
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+        self._closed = True

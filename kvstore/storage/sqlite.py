@@ -1,0 +1,534 @@
+"""The durable engine: one sqlite3 database in WAL mode, driven from trio by engine-owned threads.
+
+Threads (all started by `SqliteEngine.open`, all joined by `aclose`):
+
+- writer: the only connection that writes. It takes every write request queued while it was busy,
+  applies them in order in ONE transaction (group commit) and commits once.
+- readers: read connections (WAL lets them run beside the writer); each drains the queued reads
+  and runs them in one read transaction.
+- maintenance: its own connection runs PASSIVE WAL checkpoints every `checkpoint_interval_s`, so a
+  checkpoint never runs inside a commit, and, under FsyncPolicy.BATCH, fsyncs the WAL file.
+
+A trio caller puts its request on a queue (never blocks) and waits on a trio.Event; the thread wakes
+every request of a batch with one `TrioToken.run_sync_soon`: threads are crossed once per batch.
+A cancelled caller stops waiting, but a write it submitted still commits (outcome unknown to it).
+
+What each FsyncPolicy loses. kill -9 of the process loses nothing acknowledged under any policy:
+a request is acknowledged only after COMMIT has written its WAL frames to the OS.
+
+- ALWAYS (`synchronous=FULL`): every commit fsyncs the WAL; power failure loses nothing
+  acknowledged.
+- BATCH (`synchronous=NORMAL`): the WAL is fsynced every `fsync_interval_s`; power failure loses at
+  most the writes acknowledged in that window. The database stays consistent (checkpoints fsync).
+- NEVER (`synchronous=OFF`): nothing is fsynced, not even checkpoints; power failure may lose any
+  recent writes (typically up to ~30 s of Linux dirty-page writeback) and can corrupt the database.
+  For tests and throwaway clusters.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import queue
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import trio
+
+from kvstore.errors import Internal
+from kvstore.storage.base import FsyncPolicy, Updater, UpdateResult
+from kvstore.storage.memory import EngineStats, apply_updates, check_limit, unchanged_deleter
+
+#: Version of the table layout, stored in `meta`. Bump it (and add a migration) on any change.
+FORMAT_VERSION = 1
+#: Bind parameters per IN (...) query; old sqlite builds allow at most 999 variables.
+QUERY_CHUNK = 500
+#: A group commit stops taking requests after this many updates, bounding one transaction's time.
+MAX_BATCH_UPDATES = 4096
+#: Queued reads one reader takes at once, so the other readers get a share of a burst.
+MAX_READ_BATCH = 256
+#: Sqlite truncates the WAL file to this size when it restarts it, so disk use stays bounded.
+JOURNAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
+
+_SYNCHRONOUS = {FsyncPolicy.ALWAYS: "FULL", FsyncPolicy.BATCH: "NORMAL", FsyncPolicy.NEVER: "OFF"}
+_SCHEMA = (
+    "CREATE TABLE meta (name TEXT PRIMARY KEY, value) WITHOUT ROWID",
+    "CREATE TABLE data (key BLOB PRIMARY KEY, record BLOB NOT NULL) WITHOUT ROWID",
+    "CREATE TABLE hints (target TEXT NOT NULL, key BLOB NOT NULL, record BLOB NOT NULL,"
+    " PRIMARY KEY (target, key)) WITHOUT ROWID",
+)
+_CLOSE = object()  # queue sentinel: finish what is ahead of it, then exit
+
+#: Address of a record: (None, key) in `data`, (target node id, key) in `hints`.
+_Slot = tuple[str | None, bytes]
+
+
+class StorageFormatError(Exception):
+    """The database file is not one this version of kvstore can open (the message says why).
+    The operator must act: upgrade kvstore, or point the node at the right data directory."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SqliteSettings:
+    fsync: FsyncPolicy = FsyncPolicy.ALWAYS
+    #: Under BATCH, the window of acknowledged writes a power failure can lose.
+    fsync_interval_s: float = 0.05
+    #: How often the WAL is copied into the database; longer means a larger WAL and slower reopen.
+    checkpoint_interval_s: float = 1.0
+    #: Read connections; reads of one connection run one after another.
+    reader_threads: int = 2
+
+    def validate(self) -> None:
+        if not isinstance(self.fsync, FsyncPolicy):
+            raise ValueError(f"fsync must be a FsyncPolicy, got {self.fsync!r}")
+        if not self.fsync_interval_s > 0:
+            raise ValueError(f"fsync_interval_s must be > 0, got {self.fsync_interval_s}")
+        if not self.checkpoint_interval_s > 0:
+            raise ValueError(
+                f"checkpoint_interval_s must be > 0, got {self.checkpoint_interval_s}"
+            )
+        if self.reader_threads < 1:
+            raise ValueError(f"reader_threads must be >= 1, got {self.reader_threads}")
+
+
+class _Request:
+    """One call crossing to a thread: `ops` for a write, `job` for a read."""
+
+    __slots__ = ("ops", "job", "result", "error", "done")
+
+    def __init__(self, ops: Sequence[tuple[_Slot, Updater]] = (), job: Callable | None = None):
+        self.ops = ops
+        self.job = job
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.done = trio.Event()
+
+
+def _set_all(requests: Sequence[_Request]) -> None:
+    for request in requests:
+        request.done.set()
+
+
+def _take_batch(
+    requests: queue.SimpleQueue, limit: int, weight: Callable[[_Request], int]
+) -> tuple[list[_Request], bool]:
+    """Block for one request, then take what else is queued, up to `limit` total weight.
+    Returns the batch and whether the close sentinel was reached (nothing follows it)."""
+    item = requests.get()
+    batch: list[_Request] = []
+    total = 0
+    while item is not _CLOSE:
+        batch.append(item)
+        total += weight(item)
+        if total >= limit:
+            return batch, False
+        try:
+            item = requests.get_nowait()
+        except queue.Empty:
+            return batch, False
+    return batch, True
+
+
+def _chunks(items: list, size: int = QUERY_CHUNK):
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+class SqliteEngine:
+    """The Engine protocol on sqlite3. Create it with `await SqliteEngine.open(path)` inside the
+    trio run that will use it; `stats` counts calls, transactions, checkpoints and WAL fsyncs."""
+
+    def __init__(self, path: Path, settings: SqliteSettings, token: trio.lowlevel.TrioToken):
+        self.path = path
+        self.settings = settings
+        self.stats = EngineStats()
+        self._token = token
+        self._writes: queue.SimpleQueue = queue.SimpleQueue()
+        self._reads: queue.SimpleQueue = queue.SimpleQueue()
+        self._stop_maintenance = threading.Event()
+        self._threads: list[tuple[threading.Thread, trio.Event]] = []
+        self._closing = False
+        self._closed = trio.Event()
+        #: Set by a thread that failed outside a request (fsync, checkpoint); writes then refuse.
+        self._failure: Exception | None = None
+
+    @classmethod
+    async def open(
+        cls,
+        path: Path,
+        fsync: FsyncPolicy = FsyncPolicy.ALWAYS,
+        fsync_interval_s: float = 0.05,
+        checkpoint_interval_s: float = 1.0,
+    ) -> SqliteEngine:
+        settings = SqliteSettings(fsync, fsync_interval_s, checkpoint_interval_s)
+        settings.validate()
+        engine = cls(Path(path), settings, trio.lowlevel.current_trio_token())
+        init = _Request()
+        engine._spawn("writer", engine._writer_main, init)
+        with trio.CancelScope(shield=True):  # a half-opened engine would leak its writer thread
+            await init.done.wait()
+            if init.error is not None:
+                await engine.aclose()
+                raise init.error
+        for number in range(settings.reader_threads):
+            engine._spawn(f"reader-{number}", engine._reader_main)
+        engine._spawn("maintenance", engine._maintenance_main)
+        return engine
+
+    # -- trio side ---------------------------------------------------------------------------------
+
+    async def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
+        keys = [bytes(key) for key in keys]
+
+        def job(conn: sqlite3.Connection) -> list[bytes | None]:
+            found = _load_records(conn, None, keys)
+            return [found.get(key) for key in keys]
+
+        return await self._read(job)
+
+    async def update_many(self, updates: Sequence[tuple[bytes, Updater]]) -> list[UpdateResult]:
+        return await self._write([((None, bytes(key)), updater) for key, updater in updates])
+
+    async def scan(self, after: bytes | None, limit: int) -> list[tuple[bytes, bytes]]:
+        check_limit(limit)
+        if after is None:
+            sql, args = "SELECT key, record FROM data ORDER BY key LIMIT ?", (limit,)
+        else:
+            sql = "SELECT key, record FROM data WHERE key > ? ORDER BY key LIMIT ?"
+            args = (bytes(after), limit)
+        return await self._read(lambda conn: conn.execute(sql, args).fetchall())
+
+    async def count(self) -> int:
+        # O(keys): sqlite keeps no row count, so this walks the table.
+        sql = "SELECT count(*) FROM data"
+        return await self._read(lambda conn: conn.execute(sql).fetchone()[0])
+
+    async def hint_update_many(
+        self, updates: Sequence[tuple[str, bytes, Updater]]
+    ) -> list[UpdateResult]:
+        return await self._write([((target, bytes(key)), up) for target, key, up in updates])
+
+    async def hints_for(self, target: str, limit: int) -> list[tuple[bytes, bytes]]:
+        check_limit(limit)
+        sql = "SELECT key, record FROM hints WHERE target = ? ORDER BY key LIMIT ?"
+        return await self._read(lambda conn: conn.execute(sql, (target, limit)).fetchall())
+
+    async def hint_counts(self) -> dict[str, int]:
+        sql = "SELECT target, count(*) FROM hints GROUP BY target"
+        return await self._read(lambda conn: dict(conn.execute(sql).fetchall()))
+
+    async def delete_hints_if_unchanged(
+        self, target: str, items: Sequence[tuple[bytes, bytes]]
+    ) -> int:
+        deleted: list[bool] = []  # appended by the writer thread, read after the request is done
+        await self._write(
+            [((target, bytes(key)), unchanged_deleter(record, deleted)) for key, record in items]
+        )
+        return len(deleted)
+
+    async def aclose(self) -> None:
+        """Finish queued reads and writes, checkpoint (TRUNCATE), close, join every thread."""
+        if self._closing:
+            await self._closed.wait()
+            return
+        self._closing = True
+        # Shielded: an interrupted close would leak threads; every step below is short and bounded.
+        with trio.CancelScope(shield=True):
+            self._stop_maintenance.set()
+            for _ in range(self.settings.reader_threads):
+                self._reads.put(_CLOSE)
+            writer, *others = self._threads
+            for thread, exited in others:
+                await exited.wait()
+                thread.join()
+            # The writer goes last: it drains queued writes, and its TRUNCATE checkpoint must not
+            # wait for readers.
+            self._writes.put(_CLOSE)
+            await writer[1].wait()
+            writer[0].join()
+            self._closed.set()
+        if self._failure is not None:
+            raise Internal(f"storage engine {self.path} failed: {self._failure}") from self._failure
+
+    def _check_open(self, writing: bool) -> None:
+        if self._closing:
+            raise trio.ClosedResourceError(f"storage engine {self.path} is closed")
+        if writing and self._failure is not None:
+            # Fail-stop: after a failed fsync the durability of earlier acks is unknown.
+            raise Internal(f"storage engine {self.path} failed: {self._failure}") from self._failure
+
+    async def _write(self, ops: list[tuple[_Slot, Updater]]) -> list[UpdateResult]:
+        self._check_open(writing=True)
+        if not ops:
+            await trio.lowlevel.checkpoint()
+            return []
+        request = _Request(ops=ops)
+        self._writes.put(request)
+        await request.done.wait()
+        if request.error is not None:
+            # The whole group commit failed; each caller gets its own exception object.
+            error = request.error
+            raise Internal(f"storage write to {self.path} failed: {error}") from error
+        return request.result
+
+    async def _read(self, job: Callable[[sqlite3.Connection], Any]) -> Any:
+        self._check_open(writing=False)
+        request = _Request(job=job)
+        self._reads.put(request)
+        await request.done.wait()
+        if request.error is not None:
+            raise request.error
+        return request.result
+
+    # -- threads -----------------------------------------------------------------------------------
+
+    def _spawn(self, role: str, target: Callable, *args: Any) -> None:
+        exited = trio.Event()
+
+        def main() -> None:
+            try:
+                target(*args)
+            finally:
+                self._wake(exited.set)
+
+        thread = threading.Thread(target=main, name=f"kvstore-sqlite-{role}", daemon=True)
+        thread.start()
+        self._threads.append((thread, exited))
+
+    def _wake(self, fn: Callable, *args: Any) -> None:
+        try:
+            self._token.run_sync_soon(fn, *args)
+        except trio.RunFinishedError:
+            pass  # the trio run is gone; nobody is waiting any more
+
+    def _connect(self) -> sqlite3.Connection:
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves, exactly once per batch.
+        conn = sqlite3.connect(self.path, isolation_level=None, timeout=10.0)
+        conn.execute(f"PRAGMA synchronous={_SYNCHRONOUS[self.settings.fsync]}")
+        return conn
+
+    def _writer_main(self, init: _Request) -> None:
+        try:
+            conn = self._open_database()
+        except BaseException as exc:
+            init.error = exc
+            self._wake(_set_all, [init])
+            return
+        self._wake(_set_all, [init])
+        try:
+            self._write_loop(conn)
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # leave a compact database behind
+        except Exception as exc:  # noqa: BLE001 - reported by aclose
+            self._failure = exc
+        finally:
+            conn.close()
+
+    def _open_database(self) -> sqlite3.Connection:
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Created 0600 before sqlite sees it; sqlite gives the -wal and -shm files the same mode.
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        os.close(fd)
+        os.chmod(self.path, 0o600)
+        conn: sqlite3.Connection | None = None
+        try:
+            conn = self._connect()
+            tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+            if "meta" in tables:
+                self._check_format(conn)
+            elif tables:
+                raise StorageFormatError(f"{self.path} is a sqlite database but not a kvstore one")
+            if conn.execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() != "wal":
+                raise StorageFormatError(f"{self.path}: sqlite refused WAL mode")
+            conn.execute("PRAGMA wal_autocheckpoint=0")  # the maintenance thread checkpoints
+            conn.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT_BYTES}")
+            if not tables:
+                conn.execute("BEGIN IMMEDIATE")
+                for statement in _SCHEMA:
+                    conn.execute(statement)
+                conn.execute("INSERT INTO meta VALUES ('format_version', ?)", (FORMAT_VERSION,))
+                conn.execute("COMMIT")
+                _fsync_directory(self.path.parent)  # the new file's directory entry is durable too
+            for suffix in ("-wal", "-shm"):
+                if os.path.exists(f"{self.path}{suffix}"):
+                    os.chmod(f"{self.path}{suffix}", 0o600)
+        except BaseException as exc:
+            if conn is not None:
+                conn.close()
+            if isinstance(exc, sqlite3.DatabaseError):
+                message = f"{self.path} is not a usable sqlite database: {exc}"
+                raise StorageFormatError(message) from exc
+            raise
+        return conn
+
+    def _check_format(self, conn: sqlite3.Connection) -> None:
+        row = conn.execute("SELECT value FROM meta WHERE name = 'format_version'").fetchone()
+        version = row[0] if row else None
+        if version == FORMAT_VERSION:
+            return
+        if isinstance(version, int) and version > FORMAT_VERSION:
+            raise StorageFormatError(
+                f"{self.path} has storage format_version {version}, written by a newer kvstore; "
+                f"this kvstore reads only format_version {FORMAT_VERSION}: upgrade it"
+            )
+        raise StorageFormatError(
+            f"{self.path} has an unknown storage format_version {version!r} "
+            f"(expected {FORMAT_VERSION})"
+        )
+
+    def _write_loop(self, conn: sqlite3.Connection) -> None:
+        closing = False
+        while not closing:
+            # Everything that queued up while the previous commit ran goes into this transaction.
+            batch, closing = _take_batch(self._writes, MAX_BATCH_UPDATES, lambda r: len(r.ops))
+            if batch:
+                self._commit_batch(conn, batch)
+
+    def _commit_batch(self, conn: sqlite3.Connection, batch: list[_Request]) -> None:
+        stats = self.stats
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            committed = self._load_batch(conn, batch)
+            staged: dict[_Slot, bytes | None] = {}
+            for request in batch:
+                request.result = apply_updates(request.ops, staged, committed.__getitem__)
+            _store(conn, {slot: rec for slot, rec in staged.items() if rec != committed[slot]})
+            conn.execute("COMMIT")
+            stats.transactions += 1
+        except Exception as exc:  # noqa: BLE001 - e.g. disk full: every caller in the batch is told
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            stats.failed_transactions += 1
+            for request in batch:
+                request.result, request.error = None, exc
+        stats.calls += len(batch)
+        stats.updates += sum(len(request.ops) for request in batch)
+        self._wake(_set_all, batch)
+
+    @staticmethod
+    def _load_batch(conn: sqlite3.Connection, batch: list[_Request]) -> dict[_Slot, bytes | None]:
+        """Committed records of every slot the batch touches (None when absent), in few queries."""
+        keys_by_table: dict[str | None, set[bytes]] = {}
+        for request in batch:
+            for (target, key), _ in request.ops:
+                keys_by_table.setdefault(target, set()).add(key)
+        committed: dict[_Slot, bytes | None] = {}
+        for target, keys in keys_by_table.items():
+            found = _load_records(conn, target, list(keys))
+            committed.update(((target, key), found.get(key)) for key in keys)
+        return committed
+
+    def _reader_main(self) -> None:
+        conn = self._connect()
+        conn.execute("PRAGMA query_only=1")
+        try:
+            closing = False
+            while not closing:
+                batch, closing = _take_batch(self._reads, MAX_READ_BATCH, lambda r: 1)
+                if batch:
+                    _run_reads(conn, batch)
+                    self._wake(_set_all, batch)
+        finally:
+            conn.close()
+
+    def _maintenance_main(self) -> None:
+        conn = self._connect()
+        try:
+            self._maintain(conn)
+        except Exception as exc:  # noqa: BLE001 - fail-stop, see _check_open
+            self._failure = exc
+        finally:
+            conn.close()
+
+    def _maintain(self, conn: sqlite3.Connection) -> None:
+        batch_fsync = self.settings.fsync is FsyncPolicy.BATCH
+        wal_fd: int | None = None
+        fsynced_at = checkpointed_at = 0  # not stats.transactions: commits may precede this thread
+        now = time.monotonic()
+        next_fsync, next_checkpoint = now, now + self.settings.checkpoint_interval_s
+        try:
+            while True:
+                deadline = min(next_fsync, next_checkpoint) if batch_fsync else next_checkpoint
+                if self._stop_maintenance.wait(max(0.0, deadline - time.monotonic())):
+                    return  # the writer's TRUNCATE checkpoint at close makes everything durable
+                now = time.monotonic()
+                # Read the commit counter before acting: commits racing us are covered next time.
+                transactions = self.stats.transactions
+                if batch_fsync and now >= next_fsync:
+                    if transactions != fsynced_at:
+                        if wal_fd is None:
+                            wal_fd = os.open(f"{self.path}-wal", os.O_RDONLY)
+                        os.fsync(wal_fd)
+                        self.stats.wal_fsyncs += 1
+                        fsynced_at = transactions
+                    next_fsync = now + self.settings.fsync_interval_s
+                if now >= next_checkpoint:
+                    if transactions != checkpointed_at:
+                        # PASSIVE never waits for readers or the writer, so commits go on meanwhile.
+                        conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                        self.stats.checkpoints += 1
+                        checkpointed_at = transactions
+                    next_checkpoint = now + self.settings.checkpoint_interval_s
+        finally:
+            if wal_fd is not None:
+                os.close(wal_fd)
+
+
+def _load_records(
+    conn: sqlite3.Connection, target: str | None, keys: list[bytes]
+) -> dict[bytes, bytes]:
+    found: dict[bytes, bytes] = {}
+    for chunk in _chunks(keys):
+        marks = ",".join("?" * len(chunk))
+        if target is None:
+            sql, args = f"SELECT key, record FROM data WHERE key IN ({marks})", chunk
+        else:
+            sql = f"SELECT key, record FROM hints WHERE target = ? AND key IN ({marks})"
+            args = [target, *chunk]
+        found.update(conn.execute(sql, args))
+    return found
+
+
+def _run_reads(conn: sqlite3.Connection, batch: list[_Request]) -> None:
+    # One snapshot for the batch; it starts after every write acknowledged before these reads were
+    # queued, so a caller always sees its own acknowledged writes.
+    try:
+        conn.execute("BEGIN")
+        for request in batch:
+            try:
+                request.result = request.job(conn)
+            except Exception as exc:  # noqa: BLE001 - handed to its caller
+                request.error = exc
+    except Exception as exc:  # noqa: BLE001 - the snapshot itself failed: every read fails
+        for request in batch:
+            request.error = exc
+    finally:
+        if conn.in_transaction:
+            conn.execute("COMMIT")
+
+
+def _store(conn: sqlite3.Connection, changed: dict[_Slot, bytes | None]) -> None:
+    puts = [(target, key, rec) for (target, key), rec in changed.items() if rec is not None]
+    dels = [(target, key) for (target, key), rec in changed.items() if rec is None]
+    conn.executemany(
+        "INSERT OR REPLACE INTO data (key, record) VALUES (?, ?)",
+        [(key, rec) for target, key, rec in puts if target is None],
+    )
+    conn.executemany("DELETE FROM data WHERE key = ?", [(k,) for t, k in dels if t is None])
+    conn.executemany(
+        "INSERT OR REPLACE INTO hints (target, key, record) VALUES (?, ?, ?)",
+        [row for row in puts if row[0] is not None],
+    )
+    conn.executemany(
+        "DELETE FROM hints WHERE target = ? AND key = ?",
+        [row for row in dels if row[0] is not None],
+    )
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

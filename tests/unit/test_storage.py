@@ -1,0 +1,310 @@
+"""Storage engines: protocol behaviour on both engines, durability and file handling on sqlite."""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import pytest
+import trio
+
+from kvstore.storage.base import Engine, FsyncPolicy
+from kvstore.storage.memory import MemoryEngine
+from kvstore.storage.sqlite import SqliteEngine, StorageFormatError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def put(record: bytes):
+    return lambda current: record
+
+
+def delete(current: bytes | None) -> None:
+    return None
+
+
+def append(suffix: bytes):
+    return lambda current: (current or b"") + suffix
+
+
+def boom(current: bytes | None) -> bytes:
+    raise ValueError("updater failed")
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def engine(request, tmp_path):
+    if request.param == "memory":
+        engine = MemoryEngine()
+    else:
+        engine = await SqliteEngine.open(tmp_path / "kv.db", FsyncPolicy.ALWAYS)
+    yield engine
+    await engine.aclose()
+
+
+async def test_roundtrip_put_get_delete(engine: Engine):
+    assert await engine.update_many([(b"a", put(b"1")), (b"b", put(b"2"))]) == [b"1", b"2"]
+    assert await engine.get_many([b"b", b"missing", b"a"]) == [b"2", None, b"1"]
+    assert await engine.update_many([(b"a", delete)]) == [None]
+    assert await engine.get_many([b"a", b"b"]) == [None, b"2"]
+    assert await engine.count() == 1
+    assert await engine.update_many([]) == []
+    assert await engine.get_many([]) == []
+
+
+async def test_updaters_to_one_key_compose_in_order(engine: Engine):
+    results = await engine.update_many(
+        [(b"k", append(b"x")), (b"other", put(b"o")), (b"k", append(b"y")), (b"k", append(b"z"))]
+    )
+    assert results == [b"x", b"o", b"xy", b"xyz"]
+    assert await engine.get_many([b"k"]) == [b"xyz"]
+    # Delete then recreate in one call: the second updater sees the deletion.
+    assert await engine.update_many([(b"k", delete), (b"k", append(b"new"))]) == [None, b"new"]
+
+
+async def test_raising_updater_fails_only_its_item(engine: Engine):
+    await engine.update_many([(b"k", put(b"before"))])
+    results = await engine.update_many(
+        [(b"k", append(b"+1")), (b"k", boom), (b"j", lambda _: "not bytes"), (b"k", append(b"+2"))]
+    )
+    assert results[0] == b"before+1"
+    assert isinstance(results[1], ValueError)
+    assert isinstance(results[2], TypeError)
+    assert results[3] == b"before+1+2"  # the failed updater left the record as it was
+    assert await engine.get_many([b"k", b"j"]) == [b"before+1+2", None]
+
+
+async def test_concurrent_calls_all_land_and_share_transactions(engine: Engine):
+    calls = 300
+    counter_values: list[bytes] = []
+
+    async def writer(number: int) -> None:
+        key = b"key-%03d" % number
+        mine, counter = await engine.update_many([(key, put(key)), (b"counter", append(b"."))])
+        assert mine == key
+        counter_values.append(counter)
+
+    async with trio.open_nursery() as nursery:
+        for number in range(calls):
+            nursery.start_soon(writer, number)
+
+    keys = [b"key-%03d" % number for number in range(calls)]
+    assert await engine.get_many(keys) == keys
+    # Each call saw the previous calls' increments, also those in its own batch.
+    assert sorted(counter_values) == [b"." * n for n in range(1, calls + 1)]
+    assert engine.stats.calls == calls
+    if isinstance(engine, SqliteEngine):
+        assert engine.stats.transactions < calls
+
+
+async def test_scan_is_key_ordered_and_pages(engine: Engine):
+    keys = [bytes([a, b]) for a in (0, 1, 255) for b in (0, 7)] + [b"\x01", b"\xff\xff\xff"]
+    shuffled = random.Random(1).sample(keys, len(keys))
+    await engine.update_many([(key, put(b"r" + key)) for key in shuffled])
+    await engine.update_many([(b"\x01\x07", delete)])
+    expected = [(key, b"r" + key) for key in sorted(keys) if key != b"\x01\x07"]
+
+    pages, after = [], None
+    while page := await engine.scan(after, 3):
+        assert len(page) <= 3
+        pages.append(page)
+        after = page[-1][0]
+    assert [item for page in pages for item in page] == expected
+    assert [len(page) for page in pages] == [3, 3, 1]
+    assert await engine.scan(b"\x01", 2) == expected[3:5]  # strictly after
+    assert await engine.scan(None, 0) == []
+    with pytest.raises(ValueError):
+        await engine.scan(None, -1)
+
+
+async def test_hints_are_per_target_and_delete_only_if_unchanged(engine: Engine):
+    results = await engine.hint_update_many(
+        [("n2", b"b", put(b"hb")), ("n2", b"a", put(b"ha")), ("n3", b"a", put(b"x")),
+         ("n2", b"c", put(b"hc")), ("n2", b"c", boom)]
+    )
+    assert results[:4] == [b"hb", b"ha", b"x", b"hc"] and isinstance(results[4], ValueError)
+    assert await engine.hint_counts() == {"n2": 3, "n3": 1}
+    assert await engine.hints_for("n2", 2) == [(b"a", b"ha"), (b"b", b"hb")]
+    snapshot = await engine.hints_for("n2", 10)
+
+    # A write for n2/b arrives while the snapshot is being replayed.
+    await engine.hint_update_many([("n2", b"b", append(b"+new"))])
+    deleted = await engine.delete_hints_if_unchanged("n2", snapshot + [(b"gone", b"?")])
+    assert deleted == 2
+    assert await engine.hints_for("n2", 10) == [(b"b", b"hb+new")]
+    assert await engine.hint_counts() == {"n2": 1, "n3": 1}
+    assert await engine.get_many([b"a", b"b"]) == [None, None]  # hints are not data
+    assert await engine.hints_for("nobody", 10) == []
+
+
+async def test_closed_engine_refuses_calls_and_close_is_idempotent(engine: Engine):
+    await engine.update_many([(b"k", put(b"v"))])
+    await engine.aclose()
+    await engine.aclose()
+    with pytest.raises(trio.ClosedResourceError):
+        await engine.update_many([(b"k", put(b"w"))])
+    with pytest.raises(trio.ClosedResourceError):
+        await engine.get_many([b"k"])
+
+
+async def test_sqlite_agrees_with_memory_on_a_random_workload(tmp_path):
+    rng = random.Random(7)
+    memory = MemoryEngine()
+    durable = await SqliteEngine.open(tmp_path / "kv.db", FsyncPolicy.NEVER)
+    try:
+        for _ in range(60):
+            updates = []
+            for _ in range(rng.randrange(1, 12)):
+                key = b"k%d" % rng.randrange(20)
+                updater = rng.choice([put(b"v%d" % rng.randrange(5)), delete, append(b"+"), boom])
+                updates.append((key, updater))
+            got = [await e.update_many(updates) for e in (memory, durable)]
+            assert [r if not isinstance(r, Exception) else "err" for r in got[0]] == [
+                r if not isinstance(r, Exception) else "err" for r in got[1]
+            ]
+        assert await memory.scan(None, 100) == await durable.scan(None, 100)
+        assert await memory.count() == await durable.count()
+    finally:
+        await durable.aclose()
+        await memory.aclose()
+
+
+# -- sqlite only -----------------------------------------------------------------------------------
+
+
+async def test_sqlite_reopen_keeps_data_under_every_fsync_policy(tmp_path):
+    for policy in FsyncPolicy:
+        path = tmp_path / f"{policy.value}.db"
+        engine = await SqliteEngine.open(path, policy)
+        await engine.update_many([(b"k", put(b"v"))])
+        await engine.hint_update_many([("n2", b"k", put(b"h"))])
+        await engine.aclose()
+        engine = await SqliteEngine.open(path, policy)
+        assert await engine.get_many([b"k"]) == [b"v"]
+        assert await engine.hints_for("n2", 10) == [(b"k", b"h")]
+        await engine.aclose()
+
+
+async def test_sqlite_batch_policy_fsyncs_and_checkpoints_in_background(tmp_path):
+    engine = await SqliteEngine.open(
+        tmp_path / "kv.db", FsyncPolicy.BATCH, fsync_interval_s=0.005, checkpoint_interval_s=0.005
+    )
+    try:
+        await engine.update_many([(b"k", put(b"v"))])
+        # The maintenance thread runs on real time; wait for it, with a bound.
+        with trio.fail_after(5):
+            while engine.stats.wal_fsyncs == 0 or engine.stats.checkpoints == 0:
+                await trio.sleep(0.005)
+    finally:
+        await engine.aclose()
+
+
+async def test_sqlite_refuses_unknown_format_version(tmp_path):
+    path = tmp_path / "kv.db"
+    await (await SqliteEngine.open(path)).aclose()
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE meta SET value = 2 WHERE name = 'format_version'")
+    threads_before = set(threading.enumerate())
+    with pytest.raises(StorageFormatError, match="format_version 2.*newer kvstore"):
+        await SqliteEngine.open(path)
+    assert set(threading.enumerate()) == threads_before
+
+
+async def test_sqlite_refuses_a_foreign_database(tmp_path):
+    path = tmp_path / "other.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE t (x)")
+    with pytest.raises(StorageFormatError, match="not a kvstore"):
+        await SqliteEngine.open(path)
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(StorageFormatError, match="not a usable sqlite database"):
+        await SqliteEngine.open(garbage)
+
+
+async def test_sqlite_files_are_private(tmp_path):
+    path = tmp_path / "kv.db"
+    engine = await SqliteEngine.open(path)
+    try:
+        await engine.update_many([(b"k", put(b"v"))])
+        for name in ("kv.db", "kv.db-wal", "kv.db-shm"):
+            assert (tmp_path / name).stat().st_mode & 0o777 == 0o600, name
+    finally:
+        await engine.aclose()
+
+
+async def test_sqlite_aclose_joins_every_thread(tmp_path):
+    threads_before = set(threading.enumerate())
+    engine = await SqliteEngine.open(tmp_path / "kv.db", FsyncPolicy.BATCH)
+    assert len(set(threading.enumerate()) - threads_before) >= 3
+    async with trio.open_nursery() as nursery:
+        for number in range(20):
+            nursery.start_soon(engine.update_many, [(b"%d" % number, put(b"v"))])
+            nursery.start_soon(engine.get_many, [b"%d" % number])
+    await engine.aclose()
+    assert set(threading.enumerate()) == threads_before
+
+
+KILLED_WRITER = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+
+    import trio
+
+    from kvstore.storage.base import FsyncPolicy
+    from kvstore.storage.sqlite import SqliteEngine
+
+    async def main():
+        engine = await SqliteEngine.open(Path(sys.argv[1]), FsyncPolicy.ALWAYS)
+
+        async def writer(worker):
+            for number in range(1_000_000):
+                key = b"%d-%d" % (worker, number)
+                await engine.update_many([(key, lambda _, key=key: b"value-" + key)])
+                sys.stdout.write(key.decode() + "\\n")
+                sys.stdout.flush()
+
+        async with trio.open_nursery() as nursery:
+            for worker in range(8):
+                nursery.start_soon(writer, worker)
+
+    trio.run(main)
+    """
+)
+
+
+async def test_sqlite_keeps_every_acknowledged_write_across_kill_9(tmp_path):
+    path = tmp_path / "kv.db"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-c", KILLED_WRITER, str(path)], stdout=subprocess.PIPE, env=env
+    )
+    output = b""
+    try:
+        with trio.fail_after(30):
+            while output.count(b"\n") < 300:
+                chunk = await process.stdout.receive_some()
+                assert chunk, f"writer exited early with {await process.wait()}"
+                output += chunk
+            process.send_signal(signal.SIGKILL)  # mid-way: writes are in flight
+            while chunk := await process.stdout.receive_some():
+                output += chunk
+    finally:
+        process.kill()
+        with trio.CancelScope(shield=True):
+            await process.wait()
+            await process.stdout.aclose()
+    assert process.returncode == -signal.SIGKILL
+
+    acked = [line for line in output.split(b"\n")[:-1]]  # a torn last line was not acknowledged
+    engine = await SqliteEngine.open(path)
+    try:
+        assert await engine.get_many(acked) == [b"value-" + key for key in acked]
+    finally:
+        await engine.aclose()
