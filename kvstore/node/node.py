@@ -61,6 +61,20 @@ def load_identity(data_dir: Path, wanted_id: str) -> dict[str, Any]:
     return ident
 
 
+def lock_data_dir(data_dir: Path) -> int:
+    """Hold an exclusive lock on the data dir for the life of the process: two nodes sharing one
+    database would corrupt each other's versions."""
+    import fcntl
+
+    fd = os.open(data_dir / "LOCK", os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise SystemExit(f"data dir {data_dir} is in use by another kvstore node") from None
+    return fd
+
+
 def save_identity(data_dir: Path, ident: dict[str, Any]) -> None:
     tmp = data_dir / (IDENTITY_FILE + ".tmp")
     tmp.write_text(json.dumps(ident))
@@ -478,11 +492,15 @@ class Node:
 async def serve(config: NodeConfig, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     """Run a node until request_stop() (or cancellation); everything is closed on return."""
     ident = load_identity(config.data_dir, config.node_id)
-    engine = await open_engine(config)
+    lock = lock_data_dir(config.data_dir)
     try:
-        async with open_transport() as transport:
-            node = Node(config, transport, engine, ident)
-            await node.run(task_status=task_status)
+        engine = await open_engine(config)
+        try:
+            async with open_transport() as transport:
+                node = Node(config, transport, engine, ident)
+                await node.run(task_status=task_status)
+        finally:
+            with trio.CancelScope(shield=True):
+                await engine.aclose()
     finally:
-        with trio.CancelScope(shield=True):
-            await engine.aclose()
+        os.close(lock)

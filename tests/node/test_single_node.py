@@ -167,3 +167,34 @@ async def test_sync_client_has_the_same_methods(nodes) -> None:
             return kv.get(b"sync").value
 
     assert await trio.to_thread.run_sync(use) == b"facade"
+
+
+async def test_stop_while_busy_drains_and_leaves_no_threads(nodes) -> None:
+    import threading
+
+    before = {t.ident for t in threading.enumerate()}
+    node = await nodes.start(storage="sqlite")
+    ours = [t.name for t in threading.enumerate() if t.ident not in before and t.name.startswith("kvstore")]
+    assert "kvstore-transport" in ours and any(n.startswith("kvstore-sqlite") for n in ours)
+    results: list[object] = []
+
+    async def writer(i: int) -> None:
+        async with nodes.client(node) as kv:
+            for j in range(30):
+                try:
+                    await kv.put(b"busy-%d-%d" % (i, j), b"v")
+                    results.append(True)
+                except kvstore.KvError as exc:
+                    results.append(exc)
+                    return
+
+    async with trio.open_nursery() as nursery:
+        for i in range(8):
+            nursery.start_soon(writer, i)
+        await trio.sleep(0.05)
+        await nodes.stop(node)
+    assert results.count(True) > 0
+    # our transport and storage threads are gone (grpc's own pollers are not ours to stop)
+    leftover = [t.name for t in threading.enumerate()
+                if t.ident not in before and t.name.startswith("kvstore")]
+    assert leftover == []
