@@ -232,7 +232,6 @@ class Node:
                 with trio.move_on_after(2):
                     await peer.aclose()
             await self.engine.aclose()
-            self.stopped.set()
 
     # ---- replica side ---------------------------------------------------------------------
 
@@ -493,6 +492,7 @@ async def serve(config: NodeConfig, *, task_status: Any = trio.TASK_STATUS_IGNOR
     """Run a node until request_stop() (or cancellation); everything is closed on return."""
     ident = load_identity(config.data_dir, config.node_id)
     lock = lock_data_dir(config.data_dir)
+    node: Node | None = None
     try:
         engine = await open_engine(config)
         try:
@@ -504,3 +504,5 @@ async def serve(config: NodeConfig, *, task_status: Any = trio.TASK_STATUS_IGNOR
                 await engine.aclose()
     finally:
         os.close(lock)
+        if node is not None:
+            node.stopped.set()  # everything is closed and joined
