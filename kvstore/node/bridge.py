@@ -263,7 +263,7 @@ class Transport:
 
     def _cancel_outbound(self, call: _OutboundCall) -> None:
         if call.task is not None:
-            pass
+            call.task.cancel()
 
     def _outbound_task_done(self, call: _OutboundCall, task: asyncio.Task) -> None:
         self._outbound.discard(call)

@@ -10,6 +10,7 @@ import time
 import grpc
 import pytest
 import trio
+import trio.testing
 
 from kvstore.errors import NotFound
 from kvstore.node.bridge import Transport, TransportClosed, open_transport
@@ -236,6 +237,32 @@ async def test_cancelled_asyncio_caller_cancels_the_trio_work(transport):
         await trio_cancelled.wait()
 
 
+async def test_asyncio_cancel_that_arrives_before_the_trio_work_starts_still_cancels_it(
+    transport,
+):
+    trio_cancelled = trio.Event()
+
+    async def trio_work():
+        try:
+            await trio.sleep_forever()
+        except trio.Cancelled:
+            trio_cancelled.set()
+            raise
+
+    async def caller():
+        task = asyncio.ensure_future(transport.to_trio(trio_work))
+        await asyncio.sleep(0)  # the request to spawn is sent; trio has most likely not run it
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            return "cancelled"
+
+    with trio.fail_after(5):
+        assert await transport.run(caller) == "cancelled"
+        await trio_cancelled.wait()
+
+
 async def test_rpc_deadline_cancels_the_trio_work(transport):
     trio_cancelled = trio.Event()
 
@@ -449,7 +476,7 @@ async def _finish_within_grace_and_refuse_new_work():
             nursery.start_soon(call_in)
             await work_started.wait()
             nursery.start_soon(transport.aclose)
-            await trio.sleep(0)  # let aclose stop accepting inbound work
+            await trio.testing.wait_all_tasks_blocked()  # aclose now waits on the work
 
             async def late_caller():
                 try:
