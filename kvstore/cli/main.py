@@ -90,6 +90,20 @@ def build_parser() -> argparse.ArgumentParser:
     ring = sub.add_parser("ring", help="tokens and ownership")
     _add_client_args(ring)
 
+    bench = sub.add_parser("bench", help="load generator: ops/s and latency percentiles")
+    bench.add_argument("--duration", type=float, default=10.0, help="seconds")
+    bench.add_argument("--ops", type=int, default=0, help="stop after this many ops (0: duration only)")
+    bench.add_argument("--concurrency", type=int, default=64, help="requests in flight")
+    bench.add_argument("--mix", default="put=50,get=50", help="e.g. put=50,get=45,delete=5")
+    bench.add_argument("--value-size", type=int, default=1024, help="bytes")
+    bench.add_argument("--keys", type=int, default=10_000, help="key space size")
+    bench.add_argument("--dist", choices=["uniform", "zipf"], default="uniform")
+    bench.add_argument("--r", default="quorum")
+    bench.add_argument("--w", default="quorum")
+    bench.add_argument("--no-prefill", action="store_true")
+    bench.add_argument("--seed", type=int, default=1)
+    _add_client_args(bench)
+
     locate = sub.add_parser("locate", help="which nodes replicate and store a key")
     locate.add_argument("key")
     _add_client_args(locate)
@@ -243,10 +257,40 @@ def run_node(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_bench_command(args: argparse.Namespace) -> int:
+    import trio
+
+    from kvstore.bench import BenchConfig, dumps, format_report, run_bench
+
+    mix = {"put": 0.0, "get": 0.0, "delete": 0.0}
+    for part in args.mix.split(","):
+        name, _, pct = part.partition("=")
+        if name not in mix or not pct.replace(".", "").isdigit():
+            print(f"kvstore bench: --mix: {part!r} is not put|get|delete=PERCENT", file=sys.stderr)
+            return 2
+        mix[name] = float(pct)
+    total = sum(mix.values()) or 1.0
+    try:
+        cfg = BenchConfig(
+            tuple(args.address.split(",")), args.duration, args.ops, args.concurrency,
+            mix["put"] / total, mix["get"] / total, mix["delete"] / total, args.value_size, args.keys,
+            args.dist, r=args.r, w=args.w, prefill=not args.no_prefill, seed=args.seed,
+            progress=not args.json and sys.stderr.isatty(),
+        ).validate()
+    except ValueError as exc:
+        print(f"kvstore bench: {exc}", file=sys.stderr)
+        return 2
+    report = trio.run(run_bench, cfg)
+    print(dumps(report) if args.json else format_report(report))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "node":
         return run_node(args)
+    if args.command == "bench":
+        return run_bench_command(args)
     try:
         return run_client_command(args)
     except errors.KvError as exc:

@@ -94,6 +94,14 @@ async def open_engine(config: NodeConfig) -> Engine:
     )
 
 
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
 class Node:
     """One running node. Create with `await Node.start(config, nursery)` or run `serve(config)`."""
 
@@ -459,6 +467,9 @@ class Node:
                 for s in sorted(self.gossip.table.values(), key=lambda s: s.address)
             ],
             "hints": dict(self.hint_counts),
+            "pid": os.getpid(),
+            "cpu_s": time.process_time(),
+            "rss_bytes": _rss_bytes(),
             "read_repairs": self.coordinator.repairs,
         }
 
