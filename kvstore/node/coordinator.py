@@ -296,6 +296,7 @@ class Coordinator:
                         local.append((req.key, merged))
                     else:
                         per_peer.setdefault(node, []).append(WriteOp(req.key, merged))
+        self.repairs += len(local) + sum(map(len, per_peer.values()))
         if local:
             await view.store.merge_many(local)
         for node, ops in per_peer.items():
@@ -303,4 +304,3 @@ class Coordinator:
                 await view.peer(node).replicate(ops, view.config.replica_timeout_s)
             except KvError as exc:
                 log.debug("read repair of %d keys on %s failed: %s", len(ops), node, exc)
-        self.repairs += len(local) + sum(map(len, per_peer.values()))

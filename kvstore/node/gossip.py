@@ -1,18 +1,31 @@
-"""Gossip membership on a node: keeps the membership table, exchanges it with peers, and tells
-the coordinator who is up. Merge rules live in kvstore/core/membership.py (pure)."""
+"""Gossip membership on a node: push-pull digest exchange with one peer per round, a phi-accrual
+failure detector per peer, and the ring derived from the table. Merge rules, digests and the
+detector are pure (kvstore/core/membership.py, kvstore/core/failure.py); this module does the I/O.
+
+One round, as two unary calls:  A -> B  gossip-syn(digest(A))  ->  [states A needs, ids B needs]
+                                 A -> B  gossip-ack(states B asked for)   (only when B asked)
+"""
 from __future__ import annotations
 
 import logging
 import random
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import trio
 
-from kvstore.core.membership import NodeState, Status, merge, ring_of
+from kvstore.core import membership as mb
+from kvstore.core.failure import DetectorConfig, PhiAccrualDetector
+from kvstore.core.membership import NodeState, Status
 from kvstore.core.ring import Ring
-from kvstore.errors import KvError
+from kvstore.errors import InvalidArgument, KvError
 
 log = logging.getLogger(__name__)
+
+#: (address, kind, body, timeout_s) -> reply body
+CallFn = Callable[[str, str, Any, float], Awaitable[Any]]
+
+DOWN_PROBE_PROBABILITY = 0.1   # memberlist/Cassandra: now and then talk to a node believed down
+SEED_PROBABILITY = 0.1         # and to a seed, so partitions that share a seed heal
 
 
 class Gossip:
@@ -21,80 +34,132 @@ class Gossip:
         me: NodeState,
         seeds: tuple[str, ...],
         interval_s: float,
-        call: Callable[..., Any],
+        call: CallFn,
         rng: random.Random,
+        phi_threshold: float = 8.0,
     ) -> None:
         self.me = me
         self.table: dict[str, NodeState] = {me.node_id: me}
         self.seeds = tuple(s for s in seeds if s != me.address)
         self.interval_s = interval_s
-        self.call = call                 # async (address, kind, body, timeout_s) -> body
+        self.call = call
         self.rng = rng
-        self.last_advance: dict[str, float] = {}   # node id -> trio time its heartbeat last rose
-        self.changed = trio.Event()
+        self.detector = PhiAccrualDetector(DetectorConfig.for_interval(interval_s, threshold=phi_threshold))
         self.rounds = 0
-        self._ring: Ring = ring_of(self.table)
+        self.refused = 0
+        self.removed_self = trio.Event()   # this node was removed by an operator: it must stop
+        self.changed = trio.Event()
+        self._ring: Ring = mb.ring_of(self.table)
 
-    @property
-    def down_after_s(self) -> float:
-        return max(1.0, 8 * self.interval_s)
+    # ---- what the node asks -----------------------------------------------------------
 
     def ring(self) -> Ring:
         return self._ring
+
+    def is_up(self, node_id: str) -> bool:
+        if node_id == self.me.node_id:
+            return True
+        return self.detector.is_available(node_id, trio.current_time())
+
+    def phi(self, node_id: str) -> float:
+        return 0.0 if node_id == self.me.node_id else self.detector.phi(node_id, trio.current_time())
 
     def set_me(self, me: NodeState) -> None:
         self.me = me
         self.table[me.node_id] = me
         self._refresh()
 
-    def is_up(self, node_id: str) -> bool:
-        if node_id == self.me.node_id:
-            return True
-        seen = self.last_advance.get(node_id)
-        return seen is not None and trio.current_time() - seen < self.down_after_s
+    def set_status(self, status: Status) -> None:
+        self.set_me(mb.transition(self.me, status))
 
-    def states(self) -> list[list]:
-        return [s.to_wire() for s in self.table.values()]
+    # ---- receiving ------------------------------------------------------------------------
 
-    def receive(self, wire_states: Any) -> None:
-        if not isinstance(wire_states, list) or len(wire_states) > 10_000:
-            raise ValueError("gossip: states must be an array of at most 10000 entries")
-        incoming = [NodeState.from_wire(w) for w in wire_states]
-        self.table, changed = merge(self.table, incoming, self.me.node_id)
+    def _merge(self, states: list[NodeState]) -> None:
+        res = mb.merge_states(self.table, states, self.me.node_id)
+        self.table = dict(res.table)
         now = trio.current_time()
-        for node_id in changed:
-            self.last_advance[node_id] = now
-        if changed:
+        for node_id in res.changed:
+            state = self.table[node_id]
+            if state.status in (Status.REMOVED, Status.LEFT):
+                self.detector.remove(node_id)
+            else:
+                self.detector.heartbeat(node_id, now, state.generation)
+        for refusal in res.refused:
+            self.refused += 1
+            log.info("gossip: refused %s", refusal)
+        about_self = res.about_self
+        if about_self is not None:
+            if about_self.status == Status.REMOVED:
+                log.error("this node (%s) was removed from the cluster: stopping; rejoin only with a "
+                          "wiped data directory", self.me.node_id)
+                self.removed_self.set()
+            elif about_self.generation > self.me.generation:
+                log.error("another process claims node id %s with a newer generation", self.me.node_id)
+        if res.changed:
             self._refresh()
 
+    def handle_syn(self, body: Any) -> list:
+        try:
+            states, ids = mb.compare_digests(self.table, body)
+        except ValueError as exc:
+            raise InvalidArgument(f"gossip digest: {exc}") from None
+        return [[s.to_wire() for s in states], ids]
+
+    def handle_ack(self, body: Any) -> None:
+        try:
+            self._merge(mb.parse_states(body))
+        except ValueError as exc:
+            raise InvalidArgument(f"gossip states: {exc}") from None
+
     def _refresh(self) -> None:
-        ring = ring_of(self.table)
+        ring = mb.ring_of(self.table)
         if ring.digest() != self._ring.digest():
             self._ring = ring
             log.info("ring changed: %d nodes, digest %s", len(ring), ring.digest()[:12])
         self.changed.set()
         self.changed = trio.Event()
 
+    # ---- sending ----------------------------------------------------------------------------
+
     def _targets(self) -> list[str]:
-        others = [s.address for s in self.table.values()
+        others = [s for s in self.table.values()
                   if s.node_id != self.me.node_id and s.status not in (Status.LEFT, Status.REMOVED)]
-        return others
+        up = [s.address for s in others if self.is_up(s.node_id)]
+        down = [s.address for s in others if not self.is_up(s.node_id)]
+        targets = []
+        if up:
+            targets.append(self.rng.choice(up))
+        if down and (not up or self.rng.random() < DOWN_PROBE_PROBABILITY):
+            targets.append(self.rng.choice(down))
+        if self.seeds and (not up or self.rng.random() < SEED_PROBABILITY):
+            targets.append(self.rng.choice(self.seeds))
+        return list(dict.fromkeys(targets))
+
+    async def exchange(self, address: str) -> None:
+        timeout = max(self.interval_s * 2, 0.5)
+        reply = await self.call(address, "gossip-syn", mb.digest(self.table), timeout)
+        if not (isinstance(reply, list) and len(reply) == 2):
+            raise InvalidArgument("gossip reply: expected [states, ids]")
+        try:
+            self._merge(mb.parse_states(reply[0]))
+            wanted = mb.parse_ids(reply[1])
+        except ValueError as exc:
+            raise InvalidArgument(f"gossip reply: {exc}") from None
+        if wanted:
+            await self.call(address, "gossip-ack", [s.to_wire() for s in mb.delta_for(self.table, wanted)], timeout)
 
     async def round(self) -> None:
         self.set_me(self.me.beat())
-        others = self._targets()
-        targets = []
-        if others:
-            targets.append(self.rng.choice(others))
-        if self.seeds and (not others or self.rng.random() < 0.1):
-            targets.append(self.rng.choice(self.seeds))
-        for address in dict.fromkeys(targets):
-            try:
-                reply = await self.call(address, "gossip", self.states(), max(self.interval_s * 2, 0.5))
-                self.receive(reply)
-            except (KvError, ValueError) as exc:
-                log.debug("gossip with %s failed: %s", address, exc)
+        async with trio.open_nursery() as nursery:
+            for address in self._targets():
+                nursery.start_soon(self._exchange_quietly, address)
         self.rounds += 1
+
+    async def _exchange_quietly(self, address: str) -> None:
+        try:
+            await self.exchange(address)
+        except KvError as exc:
+            log.debug("gossip with %s failed: %s", address, exc)
 
     async def run(self) -> None:
         while True:

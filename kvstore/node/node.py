@@ -3,6 +3,7 @@ gRPC server under one trio nursery, and shuts them down in order (drain, close, 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import logging
 import os
 import random
@@ -198,10 +199,8 @@ class Node:
             )
             self.ident["tokens"] = list(tokens)
             save_identity(self.config.data_dir, self.ident)
-        self.gossip.set_me(NodeState(
-            self.node_id, self.address, self.gossip.me.generation, self.gossip.me.heartbeat + 1,
-            Status.NORMAL, tokens, self.config.zone, {},
-        ))
+        self.gossip.set_me(replace(self.gossip.me, tokens=tokens))
+        self.gossip.set_status(Status.NORMAL)
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -209,10 +208,11 @@ class Node:
             self.address = await self._start_server()
             me = NodeState(self.node_id, self.address, self.now_ms(), 0, Status.JOINING, (), self.config.zone, {})
             self.gossip = Gossip(me, self.config.seeds, self.config.gossip_interval_s,
-                                 self._gossip_call, self.rng)
+                                 self._gossip_call, self.rng, self.config.phi_threshold)
             self.hint_counts = await self.engine.hint_counts()
             await self._join()
             nursery.start_soon(self.gossip.run)
+            nursery.start_soon(self._stop_when_removed)
             nursery.start_soon(self._replay_hints_loop)
             nursery.start_soon(self._purge_loop)
             log.info("node %s serving on %s (%d tokens)", self.node_id, self.address, len(self.gossip.me.tokens))
@@ -221,6 +221,11 @@ class Node:
             await self._drain()
             nursery.cancel_scope.cancel()
         await self._close()
+
+    async def _stop_when_removed(self) -> None:
+        assert self.gossip is not None
+        await self.gossip.removed_self.wait()
+        self.request_stop()
 
     def request_stop(self) -> None:
         self.stopping.set()
@@ -293,12 +298,11 @@ class Node:
 
     async def _dispatch_call(self, kind: str, body: Any) -> Any:
         assert self.gossip is not None
-        if kind == "gossip":
-            try:
-                self.gossip.receive(body)
-            except ValueError as exc:
-                raise InvalidArgument(str(exc)) from None
-            return self.gossip.states()
+        if kind == "gossip-syn":
+            return self.gossip.handle_syn(body)
+        if kind == "gossip-ack":
+            self.gossip.handle_ack(body)
+            return None
         if kind == "ping":
             return self.node_id
         if kind == "holds":
@@ -462,6 +466,7 @@ class Node:
                 {
                     "node_id": s.node_id, "address": s.address, "zone": s.zone, "status": s.status.value,
                     "up": self.is_up(s.node_id), "tokens": len(s.tokens), "ownership": share.get(s.node_id, 0.0),
+                    "phi": round(min(self.gossip.phi(s.node_id), 1e9), 2), "app": dict(s.app),
                     "generation": s.generation, "heartbeat": s.heartbeat,
                 }
                 for s in sorted(self.gossip.table.values(), key=lambda s: s.address)
