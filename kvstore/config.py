@@ -38,6 +38,12 @@ class NodeConfig:
     tombstone_grace_s: float = 10 * 86400.0  # Cassandra gc_grace_seconds default
     tombstone_purge_interval_s: float = 3600.0  # how often to look for purgeable tombstones
     shutdown_grace_s: float = 5.0        # SIGTERM: how long in-flight requests may finish
+    encryption: str = "kms"              # "kms": seal every value at rest; "none": plaintext (benchmarks)
+    kms_keyring: str = ""                # keyring file, outside the data dir (`kvstore kms init`)
+    kms_root_key_file: str = ""          # 0600 root key file; "" = $KVSTORE_ROOT_KEY
+    kms_key: str = "alias/kvstore"       # the cluster's KEK (id or alias), shared by every node
+    kms_check_interval_s: float = 60.0   # how soon key state changes (disable, rotate) take effect
+    rewrap_rate_per_s: float = 5000.0    # re-wrap job: records per second, so it never starves requests
     test_hooks: bool = False             # enables fault-injection admin calls; never in production
     limits: Limits = field(default_factory=Limits)
 
@@ -65,6 +71,9 @@ class NodeConfig:
         need(self.phi_threshold > 0, "phi_threshold: must be > 0")
         need(self.hint_max_per_target >= 0, "hint_max_per_target: must be >= 0")
         need(self.tombstone_grace_s >= 0, "tombstone_grace_s: must be >= 0")
+        need(self.encryption in ("kms", "none"), f"encryption: {self.encryption!r} is not kms or none")
+        need(self.kms_check_interval_s > 0, "kms_check_interval_s: must be > 0")
+        need(self.rewrap_rate_per_s > 0, "rewrap_rate_per_s: must be > 0")
         need(self.tombstone_purge_interval_s > 0, "tombstone_purge_interval_s: must be > 0")
         for name, addr in [("listen", self.listen)] + [("seeds", s) for s in self.seeds]:
             host, sep, port = addr.rpartition(":")
@@ -88,6 +97,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "request_timeout_s": 3.0,
         "fsync": "never",
         "shutdown_grace_s": 2.0,
+        "kms_check_interval_s": 0.2,
     },
 }
 

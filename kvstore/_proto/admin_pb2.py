@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16kvstore/v1/admin.proto\x12\nkvstore.v1\"\x0f\n\rStatusRequest\"!\n\x0eStatusResponse\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\"\x1c\n\rLocateRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\"^\n\x07Replica\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0f\n\x07primary\x18\x03 \x01(\x08\x12\x0e\n\x06stored\x18\x04 \x01(\x08\x12\x10\n\x08siblings\x18\x05 \x01(\r\"F\n\x0eLocateResponse\x12\r\n\x05token\x18\x01 \x01(\x04\x12%\n\x08replicas\x18\x02 \x03(\x0b\x32\x13.kvstore.v1.Replica2\x89\x01\n\x05\x41\x64min\x12?\n\x06Status\x12\x19.kvstore.v1.StatusRequest\x1a\x1a.kvstore.v1.StatusResponse\x12?\n\x06Locate\x12\x19.kvstore.v1.LocateRequest\x1a\x1a.kvstore.v1.LocateResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16kvstore/v1/admin.proto\x12\nkvstore.v1\"\x0f\n\rStatusRequest\"!\n\x0eStatusResponse\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\"\x1c\n\rLocateRequest\x12\x0b\n\x03key\x18\x01 \x01(\x0c\"^\n\x07Replica\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0f\n\x07primary\x18\x03 \x01(\x08\x12\x0e\n\x06stored\x18\x04 \x01(\x08\x12\x10\n\x08siblings\x18\x05 \x01(\r\"F\n\x0eLocateResponse\x12\r\n\x05token\x18\x01 \x01(\x04\x12%\n\x08replicas\x18\x02 \x03(\x0b\x32\x13.kvstore.v1.Replica\",\n\x0e\x43ommandRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x61rgs\x18\x02 \x01(\x0c\"\"\n\x0f\x43ommandResponse\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x32\xcd\x01\n\x05\x41\x64min\x12\x42\n\x07\x43ommand\x12\x1a.kvstore.v1.CommandRequest\x1a\x1b.kvstore.v1.CommandResponse\x12?\n\x06Status\x12\x19.kvstore.v1.StatusRequest\x1a\x1a.kvstore.v1.StatusResponse\x12?\n\x06Locate\x12\x19.kvstore.v1.LocateRequest\x1a\x1a.kvstore.v1.LocateResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,6 +41,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REPLICA']._serialized_end=214
   _globals['_LOCATERESPONSE']._serialized_start=216
   _globals['_LOCATERESPONSE']._serialized_end=286
-  _globals['_ADMIN']._serialized_start=289
-  _globals['_ADMIN']._serialized_end=426
+  _globals['_COMMANDREQUEST']._serialized_start=288
+  _globals['_COMMANDREQUEST']._serialized_end=332
+  _globals['_COMMANDRESPONSE']._serialized_start=334
+  _globals['_COMMANDRESPONSE']._serialized_end=368
+  _globals['_ADMIN']._serialized_start=371
+  _globals['_ADMIN']._serialized_end=576
 # @@protoc_insertion_point(module_scope)

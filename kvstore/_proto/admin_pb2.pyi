@@ -43,3 +43,17 @@ class LocateResponse(_message.Message):
     token: int
     replicas: _containers.RepeatedCompositeFieldContainer[Replica]
     def __init__(self, token: _Optional[int] = ..., replicas: _Optional[_Iterable[_Union[Replica, _Mapping]]] = ...) -> None: ...
+
+class CommandRequest(_message.Message):
+    __slots__ = ("name", "args")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ARGS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    args: bytes
+    def __init__(self, name: _Optional[str] = ..., args: _Optional[bytes] = ...) -> None: ...
+
+class CommandResponse(_message.Message):
+    __slots__ = ("payload",)
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    payload: bytes
+    def __init__(self, payload: _Optional[bytes] = ...) -> None: ...

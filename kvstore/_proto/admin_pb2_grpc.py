@@ -34,6 +34,11 @@ class AdminStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.Command = channel.unary_unary(
+                '/kvstore.v1.Admin/Command',
+                request_serializer=kvstore_dot_v1_dot_admin__pb2.CommandRequest.SerializeToString,
+                response_deserializer=kvstore_dot_v1_dot_admin__pb2.CommandResponse.FromString,
+                _registered_method=True)
         self.Status = channel.unary_unary(
                 '/kvstore.v1.Admin/Status',
                 request_serializer=kvstore_dot_v1_dot_admin__pb2.StatusRequest.SerializeToString,
@@ -48,6 +53,12 @@ class AdminStub:
 
 class AdminServicer:
     """Missing associated documentation comment in .proto file."""
+
+    def Command(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
 
     def Status(self, request, context):
         """Missing associated documentation comment in .proto file."""
@@ -64,6 +75,11 @@ class AdminServicer:
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'Command': grpc.unary_unary_rpc_method_handler(
+                    servicer.Command,
+                    request_deserializer=kvstore_dot_v1_dot_admin__pb2.CommandRequest.FromString,
+                    response_serializer=kvstore_dot_v1_dot_admin__pb2.CommandResponse.SerializeToString,
+            ),
             'Status': grpc.unary_unary_rpc_method_handler(
                     servicer.Status,
                     request_deserializer=kvstore_dot_v1_dot_admin__pb2.StatusRequest.FromString,
@@ -84,6 +100,33 @@ def add_AdminServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Admin:
     """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Command(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.Admin/Command',
+            kvstore_dot_v1_dot_admin__pb2.CommandRequest.SerializeToString,
+            kvstore_dot_v1_dot_admin__pb2.CommandResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def Status(request,

@@ -55,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--storage", choices=["sqlite", "memory"])
     node.add_argument("--fsync", choices=["always", "batch", "never"])
     node.add_argument("--replication-factor", type=int)
+    node.add_argument("--encryption", choices=["kms", "none"], help="seal values at rest (default kms)")
+    node.add_argument("--kms-keyring", help="keyring file, outside the data dir (kvstore kms init)")
+    node.add_argument("--kms-root-key-file", help="0600 root key file (default: $KVSTORE_ROOT_KEY)")
+    node.add_argument("--kms-key", help="the cluster KEK, id or alias (default alias/kvstore)")
     node.add_argument("--test-hooks", action="store_true", default=None, help=argparse.SUPPRESS)
     node.add_argument("--log-level", default="INFO")
     node.add_argument("--ready-file", type=Path, help="write the advertised address here once serving")
@@ -103,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-prefill", action="store_true")
     bench.add_argument("--seed", type=int, default=1)
     _add_client_args(bench)
+
+    from kvstore.cli import kms as kms_cli
+
+    kms_cli.add_parser(sub)
 
     locate = sub.add_parser("locate", help="which nodes replicate and store a key")
     locate.add_argument("key")
@@ -233,6 +241,8 @@ def run_node(args: argparse.Namespace) -> int:
         "data_dir": args.data_dir, "listen": args.listen, "advertise": args.advertise, "node_id": args.node_id,
         "zone": args.zone, "seeds": args.seeds, "storage": args.storage, "fsync": args.fsync,
         "replication_factor": args.replication_factor, "test_hooks": args.test_hooks,
+        "encryption": args.encryption, "kms_keyring": args.kms_keyring,
+        "kms_root_key_file": args.kms_root_key_file, "kms_key": args.kms_key,
     }
     try:
         config = load(args.config, args.profile, **overrides)
@@ -253,7 +263,20 @@ def run_node(args: argparse.Namespace) -> int:
                     node.request_stop()
                     break
 
-    trio.run(main)
+    try:
+        trio.run(main)
+    except BaseExceptionGroup as group:  # a refusal to start (SystemExit) raised inside the nursery
+        match, rest = group.split(SystemExit)
+        if match is None or rest is not None:
+            raise
+        exc = match.exceptions[0]
+        while isinstance(exc, BaseExceptionGroup):
+            exc = exc.exceptions[0]
+        print(f"kvstore node: {exc}", file=sys.stderr)
+        return 1
+    except SystemExit as exc:
+        print(f"kvstore node: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -291,6 +314,17 @@ def main(argv: list[str] | None = None) -> int:
         return run_node(args)
     if args.command == "bench":
         return run_bench_command(args)
+    if args.command == "kms":
+        from kvstore.cli import kms as kms_cli
+
+        try:
+            return kms_cli.run(args)
+        except errors.KvError as exc:
+            print(f"kvstore kms {args.action}: {exc}", file=sys.stderr)
+            return EXIT_CODES.get(type(exc), EXIT_OTHER)
+        except ValueError as exc:
+            print(f"kvstore kms {args.action}: {exc}", file=sys.stderr)
+            return 2
     try:
         return run_client_command(args)
     except errors.KvError as exc:

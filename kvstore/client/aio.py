@@ -305,6 +305,13 @@ class Client:
         resp = await _wait(conn.admin.Status.future(admin_pb2.StatusRequest(), timeout=self.timeout_s))
         return msgpack.unpackb(resp.payload, raw=False)
 
+    async def command(self, name: str, args: dict[str, Any] | None = None, address: str | None = None,
+                      timeout_s: float | None = None) -> bytes:
+        """Run a maintenance command (rewrap, purge-tombstones, replay-hints, ...) on one node."""
+        conn = self._conn(address or self.addresses[0])
+        req = admin_pb2.CommandRequest(name=name, args=msgpack.packb(args or {}))
+        return (await _wait(conn.admin.Command.future(req, timeout=timeout_s or self.timeout_s))).payload
+
     async def locate(self, key: bytes, address: str | None = None) -> admin_pb2.LocateResponse:
         """Which nodes are replicas of `key` and which actually store it."""
         conn = self._conn(address or self.addresses[0])

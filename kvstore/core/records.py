@@ -81,6 +81,13 @@ def decode_record(data: bytes, key: bytes = b"") -> list[Sibling]:
         raise DataLoss(f"record of key {key!r} is corrupt: {exc}") from None
 
 
+def value_aad(key: bytes, node: str, counter: int) -> bytes:
+    """The encryption context a sibling's value is sealed under: its key and its dot. Both travel
+    with the value through replication, hints and streams, so a replica never needs to re-seal,
+    and a value moved to another key or another version fails to open."""
+    return _packb([b"kvstore-value-v1", key, node, counter])
+
+
 def encode_context(vv: dict[str, int]) -> bytes:
     return _packb([CONTEXT_FORMAT, vv])
 

@@ -131,18 +131,21 @@ class Api:
             if local:
                 outcomes = await self.node.coordinator.read_many([r for _, r in local], deadline)
                 now_ms = self.node.now_ms()
-                for (i, _), out in zip(local, outcomes):
-                    if isinstance(out, KvError):
-                        statuses[i] = _status(out)
-                    else:
-                        results[i] = self._get_response(out, now_ms)
+                for (i, req), out in zip(local, outcomes):
+                    try:
+                        if isinstance(out, KvError):
+                            raise out
+                        results[i] = self._get_response(req.key, out, now_ms)
+                    except KvError as exc:
+                        statuses[i] = _status(exc)
         return results, statuses
 
-    def _get_response(self, result: ReadResult, now_ms: int) -> kv_pb2.GetResponse:
+    def _get_response(self, key: bytes, result: ReadResult, now_ms: int) -> kv_pb2.GetResponse:
         live = [s for s in result.siblings if s.live(now_ms)]
+        store = self.node.store
         return kv_pb2.GetResponse(
             found=bool(live),
-            siblings=[_sibling_pb(s) for s in live],
+            siblings=[_sibling_pb(s, store.open_value(key, s)) for s in live],
             context=encode_context(result.context),
         )
 
@@ -188,9 +191,9 @@ class Api:
             statuses[i] = reply.statuses[j]
 
 
-def _sibling_pb(s: Sibling) -> kv_pb2.Sibling:
+def _sibling_pb(s: Sibling, plaintext: bytes) -> kv_pb2.Sibling:
     return kv_pb2.Sibling(
-        value=s.value or b"", tombstone=s.tombstone, hlc=s.hlc, node_id=s.node, expires_at_ms=s.expires_at_ms
+        value=plaintext, tombstone=s.tombstone, hlc=s.hlc, node_id=s.node, expires_at_ms=s.expires_at_ms
     )
 
 

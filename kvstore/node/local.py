@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from dataclasses import replace
 from typing import Protocol, Sequence
 
 from kvstore.core import versions
 from kvstore.core.limits import Limits
-from kvstore.core.records import decode_record, encode_record
+from kvstore.core.records import decode_record, encode_record, value_aad
 from kvstore.core.versions import Sibling, VersionVector
 from kvstore.errors import KvError, StaleContext
 from kvstore.storage.base import Engine, UpdateResult
@@ -43,11 +44,24 @@ class Stamped:
     siblings: list[Sibling]    # the merged set now stored (ship this to replicas)
 
 
+class Sealer(Protocol):
+    """Encryption at rest (kvstore.kms.Sealer or NullSealer)."""
+
+    def seal(self, plaintext: bytes, aad: bytes) -> bytes: ...
+    def open(self, envelope: bytes, aad: bytes, key_for_errors: bytes | None = None) -> bytes: ...
+
+
 class LocalStore:
-    def __init__(self, engine: Engine, node_id: str, limits: Limits) -> None:
+    def __init__(self, engine: Engine, node_id: str, limits: Limits, sealer: Sealer) -> None:
         self.engine = engine
         self.node_id = node_id
         self.limits = limits
+        self.sealer = sealer
+
+    def open_value(self, key: bytes, sibling: Sibling) -> bytes:
+        """The plaintext of a sibling's sealed value (DataLoss / PermissionDenied on failure)."""
+        assert sibling.value is not None
+        return self.sealer.open(sibling.value, value_aad(key, sibling.node, sibling.counter), key)
 
     async def stamp_many(self, stamps: Sequence[Stamp], now_ms: int) -> list[Stamped | BaseException]:
         made: dict[int, Stamped] = {}
@@ -65,6 +79,10 @@ class LocalStore:
                     local, self.node_id, context, st.value, st.hlc, st.expires_at_ms
                 )
                 self._check_siblings(st.key, merged)
+                if new.value is not None:  # sealed here, where the dot (part of the AAD) is known
+                    sealed = replace(new, value=self.sealer.seal(new.value, value_aad(st.key, new.node, new.counter)))
+                    merged = [sealed if s.dot == new.dot else s for s in merged]
+                    new = sealed
                 made[i] = Stamped(new, merged)
                 return encode_record(merged)
 

@@ -24,13 +24,14 @@ from kvstore.core.membership import NodeState, Status, ring_of
 from kvstore.core.records import sibling_to_wire
 from kvstore.core.ring import Ring
 from kvstore.core.hlc import physical_ms
-from kvstore.core.records import decode_record, siblings_from_wire
+from kvstore.core.records import decode_record, encode_record, siblings_from_wire
 from kvstore.core.wire import PurgeOp, ReadOp, WriteOp
 from kvstore.errors import InvalidArgument, KvError, ResourceExhausted, Unavailable
 from kvstore.node.api import FORWARDED_HEADER, Api
 from kvstore.node.bridge import Transport, open_transport
 from kvstore.node.coordinator import Coordinator
 from kvstore.node.gossip import Gossip
+from kvstore.node.keys import Keys
 from kvstore.node.local import LocalStore
 from kvstore.node.peers import Peer, channel_options
 from kvstore.node.server import make_server
@@ -106,13 +107,16 @@ def _rss_bytes() -> int:
 class Node:
     """One running node. Create with `await Node.start(config, nursery)` or run `serve(config)`."""
 
-    def __init__(self, config: NodeConfig, transport: Transport, engine: Engine, ident: dict[str, Any]) -> None:
+    def __init__(self, config: NodeConfig, transport: Transport, engine: Engine, ident: dict[str, Any],
+                 keys: Keys) -> None:
         self.config = config
+        self.keys = keys
         self.transport = transport
         self.engine = engine
         self.ident = ident
         self.node_id: str = ident["node_id"]
-        self.store = LocalStore(engine, self.node_id, config.limits)
+        self.store = LocalStore(engine, self.node_id, config.limits, keys.sealer)
+        self.rewrap_progress: dict[str, Any] = {}
         self.clock = HybridClock()
         self.coordinator = Coordinator(self)
         self.api = Api(self)
@@ -215,6 +219,7 @@ class Node:
             nursery.start_soon(self._stop_when_removed)
             nursery.start_soon(self._replay_hints_loop)
             nursery.start_soon(self._purge_loop)
+            nursery.start_soon(self.keys.watch, self.config.kms_check_interval_s)
             log.info("node %s serving on %s (%d tokens)", self.node_id, self.address, len(self.gossip.me.tokens))
             task_status.started(self)
             await self.stopping.wait()
@@ -425,6 +430,102 @@ class Node:
                     log.info("purge on %s failed (it keeps its tombstones): %s", node_id, exc)
         return await self.store.purge_many(list(agreed.items()))
 
+    # ---- encryption at rest: re-wrap --------------------------------------------------------
+
+    async def rewrap(self, rate_per_s: float | None = None, page: int = 500) -> dict[str, Any]:
+        """Re-wrap every stored envelope's DEK under the KEK's primary version, without touching
+        the values (so an old KEK version can then be disabled). Rate-limited; progress is in
+        `rewrap_progress` and the node's status."""
+        rate = rate_per_s or self.config.rewrap_rate_per_s
+        sealer = self.keys.sealer
+        progress = self.rewrap_progress = {"running": True, "scanned": 0, "rewrapped": 0, "started_ms": self.now_ms()}
+
+        def swaps_for(key: bytes, raw: bytes) -> dict[tuple[str, int], tuple[bytes, bytes]]:
+            """dot -> (old envelope, re-wrapped envelope) for siblings not yet on the primary version."""
+            swaps = {}
+            for sib in decode_record(raw, key):
+                if sib.value is not None:
+                    new = sealer.rewrap(sib.value)
+                    if new is not None:
+                        swaps[sib.dot] = (sib.value, new)
+            return swaps
+
+        def updater(key: bytes, swaps: dict[tuple[str, int], tuple[bytes, bytes]]):
+            def apply(old: bytes | None) -> bytes | None:
+                if old is None:
+                    return None
+                current = decode_record(old, key)
+                # swap only envelopes that are still exactly what was re-wrapped
+                out = [replace(s, value=swaps[s.dot][1]) if s.dot in swaps and swaps[s.dot][0] == s.value else s
+                       for s in current]
+                return encode_record(out) if out != current else old
+            return apply
+
+        after = None
+        try:
+            while True:
+                rows = await self.engine.scan(after, page)
+                if not rows:
+                    break
+                after = rows[-1][0]
+                work = []
+                for key, raw in rows:
+                    try:
+                        swaps = swaps_for(key, raw)
+                    except KvError as exc:
+                        log.warning("rewrap skipped key %r: %s", key[:64], exc)
+                        continue
+                    if swaps:
+                        work.append((key, updater(key, swaps)))
+                if work:
+                    await self.engine.update_many(work)
+                progress["scanned"] += len(rows)
+                progress["rewrapped"] += len(work)
+                await trio.sleep(len(rows) / rate)
+        finally:
+            progress["running"] = False
+            progress["finished_ms"] = self.now_ms()
+        hints = await self._rewrap_hints()
+        progress["hints_rewrapped"] = hints
+        return dict(progress)
+
+    async def _rewrap_hints(self) -> int:
+        count = 0
+        sealer = self.keys.sealer
+        for target in list((await self.engine.hint_counts()).keys()):
+            for key, raw in await self.engine.hints_for(target, 1 << 30):
+                try:
+                    sibs = decode_record(raw, key)
+                    new = [replace(s, value=sealer.rewrap(s.value) or s.value) if s.value is not None else s for s in sibs]
+                except KvError:
+                    continue
+                if new != sibs:
+                    fresh = encode_record(new)
+                    await self.engine.hint_update_many([(target, key, lambda old, raw=raw, fresh=fresh: fresh if old == raw else old)])
+                    count += 1
+        return count
+
+    async def admin_command(self, name: str, args: bytes) -> bytes:
+        try:
+            params = wire.unpackb(args) if args else {}
+        except KvError:
+            raise InvalidArgument("args: not a msgpack map") from None
+        if not isinstance(params, dict):
+            raise InvalidArgument("args: must be a msgpack map")
+        if name == "rewrap":
+            rate = params.get("rate_per_s")
+            if rate is not None and (not isinstance(rate, (int, float)) or rate <= 0):
+                raise InvalidArgument("rate_per_s: must be a positive number")
+            return wire.packb(await self.rewrap(rate))
+        if name == "kms-reload":
+            self.keys.reload()
+            return wire.packb({"ok": True})
+        if name == "purge-tombstones":
+            return wire.packb({"purged": await self.purge_tombstones()})
+        if name == "replay-hints":
+            return wire.packb({"replayed": await self.replay_hints()})
+        raise InvalidArgument(f"command: unknown command {name[:32]!r} (rewrap, kms-reload, purge-tombstones, replay-hints)")
+
     # ---- public and admin responses ------------------------------------------------------
 
     async def forward(self, target: str, method: str, request: Any, deadline: float) -> Any:
@@ -476,6 +577,8 @@ class Node:
             "cpu_s": time.process_time(),
             "rss_bytes": _rss_bytes(),
             "read_repairs": self.coordinator.repairs,
+            "encryption": self.keys.describe(),
+            "rewrap": dict(self.rewrap_progress),
         }
 
     async def status_response(self) -> admin_pb2.StatusResponse:
@@ -507,13 +610,14 @@ class Node:
 async def serve(config: NodeConfig, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     """Run a node until request_stop() (or cancellation); everything is closed on return."""
     ident = load_identity(config.data_dir, config.node_id)
+    keys = Keys.load(config)
     lock = lock_data_dir(config.data_dir)
     node: Node | None = None
     try:
         engine = await open_engine(config)
         try:
             async with open_transport() as transport:
-                node = Node(config, transport, engine, ident)
+                node = Node(config, transport, engine, ident, keys)
                 await node.run(task_status=task_status)
         finally:
             with trio.CancelScope(shield=True):

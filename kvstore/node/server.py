@@ -128,6 +128,10 @@ class AdminServicer(_Base, admin_pb2_grpc.AdminServicer):
     async def Locate(self, request: admin_pb2.LocateRequest, context: Any) -> admin_pb2.LocateResponse:
         return await self._run(context, self.node.locate, request.key)
 
+    async def Command(self, request: admin_pb2.CommandRequest, context: Any) -> admin_pb2.CommandResponse:
+        payload = await self._run(context, self.node.admin_command, request.name, request.args)
+        return admin_pb2.CommandResponse(payload=payload)
+
 
 def make_server(node: Any, options: list[tuple[str, Any]]) -> grpc.aio.Server:
     """Build (not start) the gRPC server with every service; call on the transport loop."""

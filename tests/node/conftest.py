@@ -9,6 +9,7 @@ import trio
 
 from kvstore.client import Client
 from kvstore.config import NodeConfig, profile
+from kvstore.kms.setup import ClusterKeys, provision
 from kvstore.node.node import Node, serve
 
 
@@ -20,9 +21,13 @@ class Nodes:
         self.root = root
         self.nodes: list[Node] = []
         self.count = 0
+        self.keys: ClusterKeys | None = None  # one cluster KEK shared by every node
 
     def config(self, name: str, **overrides: Any) -> NodeConfig:
-        base = {"data_dir": self.root / name, "listen": "127.0.0.1:0", "storage": "memory", "node_id": name}
+        if self.keys is None:
+            self.keys = provision(self.root / "keys")
+        base = {"data_dir": self.root / name, "listen": "127.0.0.1:0", "storage": "memory", "node_id": name,
+                "kms_keyring": str(self.keys.keyring), "kms_root_key_file": str(self.keys.root_key_file)}
         base.update(overrides)
         return profile("test", **base).validate()
 

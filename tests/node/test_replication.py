@@ -73,7 +73,7 @@ async def test_quorum_survives_one_dead_replica_and_hints_reach_it_after_restart
     await eventually(lambda: _no_hints(survivors, victim.node_id), what="hints deleted after ack")
     for key in victims_keys:
         [raw] = await restarted.engine.get_many([key])
-        assert [s.value for s in decode_record(raw, key)] == [b"v"]
+        assert [restarted.store.open_value(key, s) for s in decode_record(raw, key)] == [b"v"]
 
 
 async def _all_see_down(nodes_list, node_id) -> bool:
@@ -127,7 +127,7 @@ async def test_read_repairs_a_stale_replica(nodes) -> None:
 
     async def repaired() -> bool:
         [raw] = await stale.engine.get_many([b"k"])
-        return [s.value for s in decode_record(raw)] == [b"new"]
+        return [stale.store.open_value(b"k", s) for s in decode_record(raw)] == [b"new"]
 
     await eventually(repaired, what="read repair")
     assert any(n.coordinator.repairs for n in cluster)
