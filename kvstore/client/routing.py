@@ -20,11 +20,17 @@ class Topology:
         ring = Ring(RingNode(nid, addr, zone, tokens) for nid, addr, zone, tokens, _ in nodes)
         return cls(ring, {nid: addr for nid, addr, *_ in nodes}, {nid for nid, *_, up in nodes if up}, n)
 
-    def coordinator(self, key: bytes, n: int | None = None, avoid: set[str] = frozenset()) -> str | None:
-        """Address of the first live, non-avoided node of the key's preference list."""
+    def coordinator(self, key: bytes, n: int | None = None, avoid: set[str] = frozenset(),
+                     home: str | None = None) -> str | None:
+        """Address of a live, non-avoided node of the key's preference list: `home` when it is
+        one (so a session's calls share batches), else the first such node."""
         if len(self.ring) == 0:
             return None
         pref = self.ring.preference_list(key, n or self.n)
+        if home is not None and home not in avoid:
+            for node_id in pref:
+                if self.addresses.get(node_id) == home and node_id in self.up:
+                    return home
         for node_id in pref:
             addr = self.addresses.get(node_id)
             if node_id in self.up and addr not in avoid and addr is not None:

@@ -26,8 +26,9 @@ class Limits:
 
     @property
     def max_message_bytes(self) -> int:
-        """gRPC message limit that fits one maximal value plus key and framing."""
-        return self.max_value_bytes + self.max_key_bytes + 64 * 1024
+        """gRPC message limit: a batch of several values (clients coalesce up to 4 MiB, replica
+        batches carry up to 512 ops) plus one maximal value; per-item limits are checked apart."""
+        return max(64 << 20, 2 * (self.max_value_bytes + self.max_key_bytes) + (4 << 20))
 
     def check_key(self, key: bytes, field: str = "key") -> None:
         if not key:

@@ -135,7 +135,8 @@ class AdminServicer(_Base, admin_pb2_grpc.AdminServicer):
 
 def make_server(node: Any, options: list[tuple[str, Any]]) -> grpc.aio.Server:
     """Build (not start) the gRPC server with every service; call on the transport loop."""
-    server = grpc.aio.server(options=options)
+    # so_reuseport off: two nodes must never silently share a port (grpc enables it by default)
+    server = grpc.aio.server(options=[*options, ("grpc.so_reuseport", 0)])
     kv_pb2_grpc.add_KVServicer_to_server(KVServicer(node), server)
     internal_pb2_grpc.add_InternalServicer_to_server(InternalServicer(node), server)
     admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(node), server)

@@ -170,8 +170,17 @@ def test_flipped_bits_anywhere_are_data_loss(shared_sealer: Sealer, value: bytes
     altered = bytearray(envelope)
     for bit in bits:
         altered[bit // 8] ^= 1 << (bit % 8)
-    with pytest.raises(DataLoss):
+    try:
         shared_sealer.open(bytes(altered), aad)
+    except DataLoss:
+        return
+    except KeyUnusable as exc:
+        # Two flips can rename the KEK consistently in the envelope and in the wrapped DEK's
+        # framing; a KEK this keyring lacks cannot be told apart from tampering before the
+        # provider authenticates, so it reports the missing key (never garbage).
+        assert "does not hold" in str(exc) and len(bits) >= 2
+        return
+    raise AssertionError("a tampered envelope opened")
 
 
 def test_every_truncation_is_data_loss(sealer: Sealer) -> None:

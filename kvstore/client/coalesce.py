@@ -1,0 +1,101 @@
+"""Client-side coalescing: concurrent single-key calls to one coordinator travel as one batch RPC.
+
+No timer: whenever no batch to a destination is in flight, the caller that finds it idle sends
+everything queued (up to a cap) and, when that batch returns, hands the lead to the next waiting
+caller. Under load batches grow by themselves; alone, a call goes out at once. This is the lever
+DESIGN.md measured (batch 1 -> 12 was worth 6x): RPC count, not bytes, is the cost.
+"""
+from __future__ import annotations
+
+from typing import Any, Awaitable, Callable, Sequence
+
+import trio
+
+from kvstore.errors import DeadlineExceeded, KvError, Unavailable
+
+#: send(items, timeout_s) -> one result or KvError per item, in order
+SendFn = Callable[[Sequence[Any], float], Awaitable[list[Any]]]
+
+MAX_BATCH_ITEMS = 512
+MAX_BATCH_BYTES = 4 << 20   # a few large values fill a batch: keep one message well under limits
+
+
+class _Slot:
+    __slots__ = ("item", "deadline", "result", "error", "finished", "wake")
+
+    def __init__(self, item: Any, deadline: float) -> None:
+        self.item = item
+        self.deadline = deadline
+        self.result: Any = None
+        self.error: KvError | None = None
+        self.finished = False
+        self.wake = trio.Event()
+
+    def finish(self, result: Any = None, error: KvError | None = None) -> None:
+        if not self.finished:
+            self.result, self.error, self.finished = result, error, True
+            self.wake.set()
+
+
+class Coalescer:
+    """One destination's queue (one per coordinator address and operation kind)."""
+
+    def __init__(self, send: SendFn, max_items: int = MAX_BATCH_ITEMS, max_bytes: int = MAX_BATCH_BYTES,
+                 size_of: Callable[[Any], int] = lambda item: item.ByteSize()) -> None:
+        self.send = send
+        self.max_items = max_items
+        self.max_bytes = max_bytes
+        self.size_of = size_of
+        self.queue: list[_Slot] = []
+        self.busy = False
+        self.batches = 0
+        self.items = 0
+
+    async def submit(self, item: Any, deadline: float) -> Any:
+        slot = _Slot(item, deadline)
+        self.queue.append(slot)
+        try:
+            with trio.move_on_at(deadline):
+                while not slot.finished:
+                    if not self.busy and self.queue:
+                        await self._lead()
+                        continue
+                    await slot.wake.wait()
+                    slot.wake = trio.Event()
+        finally:
+            if slot in self.queue:
+                self.queue.remove(slot)
+        if not slot.finished:
+            raise DeadlineExceeded("no answer before the deadline")
+        if slot.error is not None:
+            raise slot.error
+        return slot.result
+
+    async def _lead(self) -> None:
+        self.busy = True
+        taken, size = 0, 0
+        while taken < min(len(self.queue), self.max_items):
+            size += self.size_of(self.queue[taken].item)
+            if taken and size > self.max_bytes:
+                break
+            taken += 1
+        batch, self.queue = self.queue[:taken], self.queue[taken:]
+        try:
+            timeout = max(s.deadline for s in batch) - trio.current_time()
+            results = await self.send([s.item for s in batch], max(timeout, 0.001))
+            for slot, result in zip(batch, results):
+                if isinstance(result, KvError):
+                    slot.finish(error=result)
+                else:
+                    slot.finish(result)
+            self.batches += 1
+            self.items += len(batch)
+        except KvError as exc:
+            for slot in batch:
+                slot.finish(error=exc)
+        finally:
+            for slot in batch:  # the leader was cancelled mid-flight: nobody may wait forever
+                slot.finish(error=Unavailable("the batch carrying this call was cancelled"))
+            self.busy = False
+            if self.queue:
+                self.queue[0].wake.set()  # the next waiting caller leads

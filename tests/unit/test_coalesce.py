@@ -1,0 +1,101 @@
+"""Client coalescing: concurrent calls share batches, errors stay per item, nobody hangs."""
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+
+from kvstore.client.coalesce import Coalescer
+from kvstore.errors import InvalidArgument, Unavailable
+
+
+class FakeDestination:
+    def __init__(self, delay_s: float = 0.01, fail: bool = False) -> None:
+        self.batches: list[list[int]] = []
+        self.delay_s = delay_s
+        self.fail = fail
+
+    async def send(self, items, timeout_s):
+        self.batches.append(list(items))
+        await trio.sleep(self.delay_s)
+        if self.fail:
+            raise Unavailable("down")
+        return [InvalidArgument(f"bad {i}") if i < 0 else i * 10 for i in items]
+
+
+async def test_concurrent_calls_coalesce_and_each_gets_its_own_result(autojump_clock) -> None:
+    dest = FakeDestination()
+    c = Coalescer(dest.send, size_of=lambda _: 1)
+    results = {}
+
+    async def call(i: int) -> None:
+        results[i] = await c.submit(i, trio.current_time() + 5)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(100):
+            nursery.start_soon(call, i)
+    assert results == {i: i * 10 for i in range(100)}
+    assert len(dest.batches) <= 3  # first call alone, then everything that queued meanwhile
+    assert sorted(x for b in dest.batches for x in b) == list(range(100))
+
+
+async def test_item_error_is_raised_only_for_that_item(autojump_clock) -> None:
+    c = Coalescer(FakeDestination().send, size_of=lambda _: 1)
+    outcomes = {}
+
+    async def call(i: int) -> None:
+        try:
+            outcomes[i] = await c.submit(i, trio.current_time() + 5)
+        except InvalidArgument as exc:
+            outcomes[i] = str(exc)
+
+    async with trio.open_nursery() as nursery:
+        for i in (-1, 2, 3):
+            nursery.start_soon(call, i)
+    assert outcomes == {-1: "bad -1", 2: 20, 3: 30}
+
+
+async def test_batch_failure_reaches_every_caller(autojump_clock) -> None:
+    c = Coalescer(FakeDestination(fail=True).send, size_of=lambda _: 1)
+    errors = []
+
+    async def call(i: int) -> None:
+        with pytest.raises(Unavailable):
+            await c.submit(i, trio.current_time() + 5)
+        errors.append(i)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(5):
+            nursery.start_soon(call, i)
+    assert sorted(errors) == list(range(5))
+
+
+async def test_a_cancelled_leader_does_not_strand_the_others(autojump_clock) -> None:
+    dest = FakeDestination(delay_s=1.0)
+    c = Coalescer(dest.send, size_of=lambda _: 1)
+    finished = []
+
+    async def follower(i: int) -> None:
+        try:
+            finished.append(await c.submit(i, trio.current_time() + 10))
+        except Unavailable:
+            finished.append("retry")
+
+    async with trio.open_nursery() as nursery:
+        with trio.move_on_after(0.5):  # the leader's own caller gives up mid-flight
+            async with trio.open_nursery() as inner:
+                inner.start_soon(c.submit, 1, trio.current_time() + 10)
+                await trio.testing.wait_all_tasks_blocked()
+                for i in range(2, 5):
+                    nursery.start_soon(follower, i)
+                await trio.sleep_forever()
+    assert len(finished) == 3
+
+
+async def test_batches_respect_the_byte_cap(autojump_clock) -> None:
+    dest = FakeDestination()
+    c = Coalescer(dest.send, max_bytes=3, size_of=lambda _: 1)
+    async with trio.open_nursery() as nursery:
+        for i in range(10):
+            nursery.start_soon(c.submit, i, trio.current_time() + 5)
+    assert max(len(b) for b in dest.batches) <= 3
