@@ -45,6 +45,8 @@ class NodeConfig:
     kms_check_interval_s: float = 60.0   # how soon key state changes (disable, rotate) take effect
     rewrap_rate_per_s: float = 5000.0    # re-wrap job: records per second, so it never starves requests
     test_hooks: bool = False             # enables fault-injection admin calls; never in production
+    test_drop_writes: bool = False       # a deliberately broken node: acks writes it never stores
+                                         # (proves the chaos checker catches lost writes)
     limits: Limits = field(default_factory=Limits)
 
     @property

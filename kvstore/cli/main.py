@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--kms-root-key-file", help="0600 root key file (default: $KVSTORE_ROOT_KEY)")
     node.add_argument("--kms-key", help="the cluster KEK, id or alias (default alias/kvstore)")
     node.add_argument("--test-hooks", action="store_true", default=None, help=argparse.SUPPRESS)
+    node.add_argument("--test-drop-writes", action="store_true", default=None, help=argparse.SUPPRESS)
     node.add_argument("--log-level", default="INFO")
     node.add_argument("--ready-file", type=Path, help="write the advertised address here once serving")
 
@@ -241,6 +242,7 @@ def run_node(args: argparse.Namespace) -> int:
         "data_dir": args.data_dir, "listen": args.listen, "advertise": args.advertise, "node_id": args.node_id,
         "zone": args.zone, "seeds": args.seeds, "storage": args.storage, "fsync": args.fsync,
         "replication_factor": args.replication_factor, "test_hooks": args.test_hooks,
+        "test_drop_writes": args.test_drop_writes,
         "encryption": args.encryption, "kms_keyring": args.kms_keyring,
         "kms_root_key_file": args.kms_root_key_file, "kms_key": args.kms_key,
     }

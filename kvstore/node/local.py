@@ -52,7 +52,9 @@ class Sealer(Protocol):
 
 
 class LocalStore:
-    def __init__(self, engine: Engine, node_id: str, limits: Limits, sealer: Sealer) -> None:
+    def __init__(self, engine: Engine, node_id: str, limits: Limits, sealer: Sealer,
+                 drop_writes: bool = False) -> None:
+        self.drop_writes = drop_writes  # test-only broken node: pretend to store, store nothing
         self.engine = engine
         self.node_id = node_id
         self.limits = limits
@@ -84,7 +86,7 @@ class LocalStore:
                     merged = [sealed if s.dot == new.dot else s for s in merged]
                     new = sealed
                 made[i] = Stamped(new, merged)
-                return encode_record(merged)
+                return old if self.drop_writes else encode_record(merged)
 
             return apply
 
@@ -107,7 +109,7 @@ class LocalStore:
                 if len(merged) >= self.limits.warn_siblings:
                     # a replica never refuses what a coordinator accepted: that would diverge
                     log.warning("key %r has %d siblings", key[:64], len(merged))
-                return encode_record(merged)
+                return old if self.drop_writes else encode_record(merged)
 
             return apply
 

@@ -26,7 +26,7 @@ from kvstore.core.ring import Ring
 from kvstore.core.hlc import physical_ms
 from kvstore.core.records import decode_record, encode_record, siblings_from_wire
 from kvstore.core.wire import PurgeOp, ReadOp, WriteOp
-from kvstore.errors import InvalidArgument, KvError, ResourceExhausted, Unavailable
+from kvstore.errors import InvalidArgument, KvError, PermissionDenied, ResourceExhausted, Unavailable
 from kvstore.node.api import FORWARDED_HEADER, Api
 from kvstore.node.bridge import Transport, open_transport
 from kvstore.node.coordinator import Coordinator
@@ -115,7 +115,9 @@ class Node:
         self.engine = engine
         self.ident = ident
         self.node_id: str = ident["node_id"]
-        self.store = LocalStore(engine, self.node_id, config.limits, keys.sealer)
+        self.store = LocalStore(engine, self.node_id, config.limits, keys.sealer, config.test_drop_writes)
+        if config.test_drop_writes:
+            log.warning("TEST MODE: this node acknowledges writes without storing them")
         self.rewrap_progress: dict[str, Any] = {}
         self.clock = HybridClock()
         self.coordinator = Coordinator(self)
@@ -520,6 +522,19 @@ class Node:
         if name == "kms-reload":
             self.keys.reload()
             return wire.packb({"ok": True})
+        if name == "test-block-peers":
+            # fault injection for tests without network namespaces: cut this node's outbound links
+            # to the given addresses (tell both sides for a symmetric partition); [] heals
+            if not self.config.test_hooks:
+                raise PermissionDenied("test-block-peers: this node was not started with --test-hooks")
+            addresses = params.get("addresses")
+            if not isinstance(addresses, list) or not all(isinstance(a, str) for a in addresses):
+                raise InvalidArgument("addresses: must be a list of host:port strings")
+            for address, peer in self.peers.items():
+                peer.blocked = address in addresses
+            for address in addresses:
+                self.peer_for_address(address).blocked = True
+            return wire.packb({"blocked": sorted(a for a, p in self.peers.items() if p.blocked)})
         if name == "purge-tombstones":
             return wire.packb({"purged": await self.purge_tombstones()})
         if name == "replay-hints":

@@ -139,6 +139,7 @@ class Peer:
         self.queued_ops = 0
         self.wakeup = trio.Event()
         self.reachable = True          # last RPC outcome; the failure detector has the final word
+        self.blocked = False           # fault injection (test hooks only): behave as if cut off
         self.batches_sent = 0
         self.ops_sent = 0
 
@@ -153,6 +154,8 @@ class Peer:
 
     async def replicate(self, ops: Sequence[ReplicaOp], timeout_s: float) -> list[tuple[int, Any]]:
         """Send ops (coalesced with other callers' ops); returns (code, payload) per op."""
+        if self.blocked:
+            raise Unavailable(f"peer {self.node_id}: link cut by fault injection")
         if self.queued_ops + len(ops) > MAX_QUEUED_OPS:
             raise Unavailable(f"peer {self.node_id}: {self.queued_ops} replica ops queued, not keeping up")
         item = _Queued(list(ops))
@@ -211,6 +214,8 @@ class Peer:
 
     async def call(self, kind: str, body: Any, timeout_s: float) -> Any:
         """A unary Call (gossip and other small messages); raises Unavailable or the remote error."""
+        if self.blocked:
+            raise Unavailable(f"peer {self.node_id}: link cut by fault injection")
         await self.connect()
         assert self.conn is not None
         try:
@@ -228,6 +233,8 @@ class Peer:
 
     async def stub(self, name: str) -> Any:
         """The KV or Admin stub of this peer's channel (for forwarding), used via transport.run."""
+        if self.blocked:
+            raise Unavailable(f"peer {self.node_id}: link cut by fault injection")
         await self.connect()
         assert self.conn is not None
         return getattr(self.conn, name)
