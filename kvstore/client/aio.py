@@ -16,7 +16,7 @@ import msgpack
 import trio
 
 from kvstore._proto import admin_pb2, admin_pb2_grpc, kv_pb2, kv_pb2_grpc
-from kvstore.client.coalesce import Coalescer
+from kvstore.client.coalesce import MAX_BATCH_ITEMS, Coalescer
 from kvstore.client.routing import Topology
 from kvstore.core.quorum import Level
 from kvstore.errors import DeadlineExceeded, KvError, NotFound, Unavailable
@@ -74,6 +74,13 @@ def _versions(resp: kv_pb2.GetResponse) -> Versions:
         tuple(Version(s.value, s.hlc, s.node_id, s.expires_at_ms) for s in resp.siblings),
         resp.context,
     )
+
+
+def _never_sent(exc: KvError) -> bool:
+    """True when the request provably never reached a node (no connection), so even a write can
+    be retried elsewhere without risking a duplicate."""
+    text = str(exc)
+    return "failed to connect" in text or "Connection refused" in text
 
 
 class _Conn:
@@ -212,12 +219,13 @@ class Client:
                 if self.coalesce and method in _BATCH_OF:
                     return await self._coalescer(address, method).submit(request, trio.current_time() + remaining)
                 return await _wait(getattr(self._conn(address).kv, method).future(request, timeout=remaining))
-            except Unavailable:
+            except Unavailable as exc:
                 attempt += 1
                 avoid.add(address)
                 self._topology_at = -1e9  # the ring may have changed: refresh before the next try
                 backoff = min(0.05 * 2**attempt, 1.0) * self._rng.uniform(0.5, 1.5)
-                if not idempotent or attempt > self.retries or trio.current_time() + backoff >= deadline:
+                retry_safe = idempotent or _never_sent(exc)
+                if not retry_safe or attempt > self.retries or trio.current_time() + backoff >= deadline:
                     raise
                 await trio.sleep(backoff)
 
@@ -308,7 +316,8 @@ class Client:
 
         async with trio.open_nursery() as nursery:
             for idx in groups.values():
-                nursery.start_soon(send, idx)
+                for start in range(0, len(idx), MAX_BATCH_ITEMS):  # stay under the node's batch limit
+                    nursery.start_soon(send, idx[start:start + MAX_BATCH_ITEMS])
         return out
 
     async def put_many(self, items: Mapping[bytes, bytes] | Iterable[tuple[bytes, bytes]], *,

@@ -104,6 +104,9 @@ class Coordinator:
         all_done = trio.Event()
         ring = view.ring()
         plans: dict[str, list[tuple[int, WriteOp, bool]]] = {}  # peer -> (item, op, primary)
+        # no spare node to hold a hint (e.g. 3 nodes, N=3): the coordinator keeps it itself, like
+        # Cassandra; it never counts towards W, but the owner gets the write when it is back
+        self_hints: list[tuple[str, bytes, list[Sibling]]] = []
         for i, (req, st) in enumerate(zip(reqs, stamped)):
             if isinstance(st, BaseException):
                 results[i] = st if isinstance(st, KvError) else KvError(str(st))
@@ -125,6 +128,10 @@ class Coordinator:
                         used.add(fb)
                         plans.setdefault(fb, []).append((i, WriteOp(req.key, st.siblings, target), False))
                         pending.outstanding += 1
+                    else:
+                        self_hints.append((target, req.key, st.siblings))
+                else:
+                    self_hints.append((target, req.key, st.siblings))
             if pending.acks >= pending.needed or pending.outstanding == 0:
                 pending.done = True
 
@@ -143,6 +150,8 @@ class Coordinator:
                 p.done = True
                 settle()
 
+        if self_hints:
+            await view.store.merge_many([(k, sibs) for _, k, sibs in self_hints], [t for t, _, _ in self_hints])
         for peer_id, items in plans.items():
             view.background.start_soon(self._deliver, ring, peer_id, items, reqs, on_result)
         settle()
@@ -179,6 +188,7 @@ class Coordinator:
             log.debug("replica %s failed: %s", peer_id, exc)
             replies = [(14, None)] * len(items)
         retry: dict[str, list[tuple[int, WriteOp, bool]]] = {}
+        local_hints: list[tuple[str, bytes, list[Sibling]]] = []
         for (i, op, primary), (code, _) in zip(items, replies):
             if code == 0:
                 on_result(i, peer_id, True)
@@ -189,9 +199,13 @@ class Coordinator:
                 used = set(ring.preference_list(req.key, req.n))
                 fb = self._fallback(ring, req.key, used | {peer_id})
             if fb is None:
+                if primary:  # nobody else can hold it: keep the hint here
+                    local_hints.append((peer_id, op.key, op.siblings))
                 on_result(i, peer_id, False)
             else:
                 retry.setdefault(fb, []).append((i, WriteOp(op.key, op.siblings, peer_id), False))
+        if local_hints:
+            await view.store.merge_many([(k, sibs) for _, k, sibs in local_hints], [t for t, _, _ in local_hints])
         for fb, fb_items in retry.items():
             view.background.start_soon(self._deliver, ring, fb, fb_items, reqs, on_result)
 
