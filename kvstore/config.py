@@ -90,7 +90,7 @@ BASE = NodeConfig()
 PROFILES: dict[str, dict[str, Any]] = {
     "lan": {},
     # a laptop cluster: react to kills within seconds, replay hints quickly
-    "local": {"gossip_interval_s": 0.2, "hint_replay_interval_s": 0.2, "fsync": "batch"},
+    "local": {"gossip_interval_s": 0.2, "hint_replay_interval_s": 0.2, "fsync": "batch", "kms_check_interval_s": 2.0},
     # tests: fast everything, and nothing waits long for a dead peer
     "test": {
         "gossip_interval_s": 0.1,

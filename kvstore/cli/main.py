@@ -219,11 +219,13 @@ def _status(kv: Any, args: argparse.Namespace) -> int:
         print(f"== as seen by {view['node_id']} ({view['address']}), ring {view['ring_digest'][:12]}")
         if view.get("warning"):
             print(f"warning: {view['warning']}")
-        print(f"{'':2} {'node':<14} {'address':<22} {'zone':<8} {'tokens':>6} {'owns':>7} {'generation':>14}")
+        print(f"{'':2} {'node':<14} {'address':<22} {'zone':<8} {'tokens':>6} {'owns':>7} {'keys':>9} "
+              f"{'generation':>14} {'phi':>6}")
         for m in view["members"]:
             flag = ("U" if m["up"] else "D") + {"normal": "N", "joining": "J", "leaving": "L"}.get(m["status"], "?")
+            keys = (m.get("app") or {}).get("keys", "?")
             print(f"{flag:2} {m['node_id']:<14} {m['address']:<22} {m['zone'] or '-':<8} {m['tokens']:>6} "
-                  f"{100 * m['ownership']:6.2f}% {m['generation']:>14}")
+                  f"{100 * m['ownership']:6.2f}% {keys:>9} {m['generation']:>14} {m.get('phi', 0):>6.2f}")
         if view.get("hints"):
             print("hints held: " + ", ".join(f"{t}={c}" for t, c in view["hints"].items()))
     return 0

@@ -14,6 +14,7 @@ class Limits:
     warn_siblings: int = 25            # Riak's warning threshold (riak_kv #680)
     max_siblings: int = 100            # Riak's hard limit: beyond it writes are refused
     max_ttl_s: int = 10 * 365 * 86400  # ten years
+    max_vv_entries: int = 64           # version vector entries before departed nodes are pruned
 
     def validate(self) -> "Limits":
         if not 1 <= self.max_key_bytes <= 64 * 1024:

@@ -140,6 +140,16 @@ def dominated_by(siblings: Sequence[Sibling], other: Sequence[Sibling]) -> bool:
     return {s.dot for s in merge(siblings, other)} == {s.dot for s in siblings}
 
 
+def prune(vv: VersionVector, members: set[str], max_entries: int) -> dict[str, int]:
+    """Bound a version vector's size: when it has more than `max_entries` entries, drop those of
+    nodes that are no longer members (they can never coordinate again). Like Riak's clock
+    pruning, the cost of pruning is at worst a spurious sibling (an old write from a pruned node
+    held by a stale replica looks concurrent again), never a lost write."""
+    if len(vv) <= max_entries:
+        return dict(vv)
+    return {node: counter for node, counter in vv.items() if node in members}
+
+
 def resolve_latest(siblings: Sequence[Sibling]) -> Sibling | None:
     """The default resolver: the sibling with the highest HLC (ties by node, counter)."""
     return max(siblings, key=_sort_key) if siblings else None

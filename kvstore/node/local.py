@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from dataclasses import replace
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 from kvstore.core import versions
 from kvstore.core.limits import Limits
@@ -55,6 +55,7 @@ class LocalStore:
     def __init__(self, engine: Engine, node_id: str, limits: Limits, sealer: Sealer,
                  drop_writes: bool = False) -> None:
         self.drop_writes = drop_writes  # test-only broken node: pretend to store, store nothing
+        self.members: "Callable[[], set[str]] | None" = None  # current members, for clock pruning
         self.engine = engine
         self.node_id = node_id
         self.limits = limits
@@ -77,6 +78,8 @@ class LocalStore:
                         "(the value changed since it was read)"
                     )
                 context = versions.context_of(local) if st.blind else st.context
+                if self.members is not None:
+                    context = versions.prune(context, self.members(), self.limits.max_vv_entries)
                 new, merged = versions.stamp(
                     local, self.node_id, context, st.value, st.hlc, st.expires_at_ms
                 )

@@ -41,6 +41,7 @@ from kvstore.storage.base import Engine, FsyncPolicy
 log = logging.getLogger(__name__)
 
 IDENTITY_FILE = "node.json"
+VERSION = "0.1.0"
 IDENTITY_FORMAT = 1
 
 
@@ -119,6 +120,8 @@ class Node:
         if config.test_drop_writes:
             log.warning("TEST MODE: this node acknowledges writes without storing them")
         self.rewrap_progress: dict[str, Any] = {}
+        self.store.members = lambda: set(self.gossip.table) if self.gossip else set()
+        self.key_count = 0
         self.clock = HybridClock()
         self.coordinator = Coordinator(self)
         self.api = Api(self)
@@ -219,6 +222,7 @@ class Node:
             await self._join()
             nursery.start_soon(self.gossip.run)
             nursery.start_soon(self._stop_when_removed)
+            nursery.start_soon(self._publish_load)
             nursery.start_soon(self._replay_hints_loop)
             nursery.start_soon(self._purge_loop)
             nursery.start_soon(self.keys.watch, self.config.kms_check_interval_s)
@@ -228,6 +232,14 @@ class Node:
             await self._drain()
             nursery.cancel_scope.cancel()
         await self._close()
+
+    async def _publish_load(self) -> None:
+        """Gossip this node's load (keys stored) as application state, for `kvstore status`."""
+        assert self.gossip is not None
+        while True:
+            self.key_count = await self.engine.count()
+            self.gossip.set_me(replace(self.gossip.me, app={"keys": self.key_count, "version": VERSION}))
+            await trio.sleep(max(10 * self.config.gossip_interval_s, 2.0))
 
     async def _stop_when_removed(self) -> None:
         assert self.gossip is not None
@@ -518,6 +530,11 @@ class Node:
             rate = params.get("rate_per_s")
             if rate is not None and (not isinstance(rate, (int, float)) or rate <= 0):
                 raise InvalidArgument("rate_per_s: must be a positive number")
+            if params.get("background"):
+                if self.rewrap_progress.get("running"):
+                    raise InvalidArgument("rewrap: a re-wrap is already running (see status)")
+                self.background.start_soon(self.rewrap, rate)
+                return wire.packb({"started": True})
             return wire.packb(await self.rewrap(rate))
         if name == "kms-reload":
             self.keys.reload()

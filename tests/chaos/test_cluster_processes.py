@@ -157,6 +157,24 @@ async def test_no_plaintext_on_disk_after_kill_9_mid_write_and_hint_replay(tmp_p
         await trio.to_thread.run_sync(c.restart, "n2")
         expected = {b"s-%05d" % j: sentinel + b"-%05d" % j for j in range(10_000)}
         assert await all_readable(c.addresses(), expected) == []
+
+        # rotate the cluster KEK, re-wrap every node's data keys, retire the old version
+        kms = ["--keyring", str(c.root / "kms" / "keyring"), "--root-key-file", str(c.root / "kms" / "root.key")]
+        addrs = ",".join(c.addresses())
+        for step in (["rotate", "alias/kvstore"], ["rewrap", "--address", addrs],
+                     ["disable-version", "alias/kvstore", "--version", "1"]):
+            done = await cli("kms", *step, *kms)
+            assert done.returncode == 0, done.stderr
+        await trio.sleep(0.5)  # nodes notice keyring changes within kms_check_interval_s
+        assert await all_readable(c.addresses(), expected) == []
+        # crypto-shredding: a disabled KEK refuses reads; enabling it restores them
+        assert (await cli("kms", "disable", "alias/kvstore", *kms)).returncode == 0
+        await trio.sleep(0.5)
+        refused = await cli("get", "s-00001", "--address", addrs)
+        assert refused.returncode == 8 and b"Disabled" in refused.stderr, refused.stderr
+        assert (await cli("kms", "enable", "alias/kvstore", *kms)).returncode == 0
+        await trio.sleep(0.5)
+        assert await all_readable(c.addresses(), expected) == []
         await trio.to_thread.run_sync(c.down)         # every byte is in files now
     leaks = [p for p in (tmp_path / "cluster").rglob("*") if p.is_file() and b"SENTINEL" in p.read_bytes()]
     assert leaks == []

@@ -147,3 +147,17 @@ def test_all_stamps_through_one_node_are_unique() -> None:
         assert new.dot not in seen
         seen.add(new.dot)
     assert len(stored) == 50
+
+
+def test_prune_drops_only_departed_nodes_and_only_past_the_bound() -> None:
+    vv = {"a": 3, "b": 2, "gone": 9}
+    assert versions.prune(vv, {"a", "b"}, max_entries=3) == vv
+    assert versions.prune(vv, {"a", "b"}, max_entries=2) == {"a": 3, "b": 2}
+
+
+def test_pruning_can_only_add_a_sibling_never_lose_a_write() -> None:
+    _, on_gone = versions.stamp([], "gone", {}, b"old", 1)
+    ctx = versions.context_of(on_gone)
+    new, current = versions.stamp(on_gone, "a", versions.prune(ctx, {"a"}, 0), b"new", 2)
+    merged = versions.merge(current, on_gone)
+    assert b"new" in [s.value for s in merged]  # the new write survives a stale replica
