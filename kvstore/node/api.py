@@ -76,19 +76,7 @@ class Api:
         results: list[Any] = [response_cls() for _ in items]
         statuses: list[kv_pb2.ItemStatus] = [OK] * len(items)
         deadline = self.deadline(timeout_s, items[0].options if items else None)
-        local: list[tuple[int, WriteReq]] = []
-        remote: dict[str, list[int]] = {}
-        for i, item in enumerate(items):
-            try:
-                req = self._write_req(item, is_delete)
-                target = self._route(req.key, req.n, forwarded)
-            except KvError as exc:
-                statuses[i] = _status(exc)
-                continue
-            if target is None:
-                local.append((i, req))
-            else:
-                remote.setdefault(target, []).append(i)
+        local, remote = self._partition(items, lambda item: self._write_req(item, is_delete), forwarded, statuses)
         async with trio.open_nursery() as nursery:
             for target, idx in remote.items():
                 nursery.start_soon(self._forward, target, idx, items, is_delete, deadline, results, statuses)
@@ -110,21 +98,7 @@ class Api:
         results = [kv_pb2.GetResponse() for _ in items]
         statuses: list[kv_pb2.ItemStatus] = [OK] * len(items)
         deadline = self.deadline(timeout_s, items[0].options if items else None)
-        local: list[tuple[int, ReadReq]] = []
-        remote: dict[str, list[int]] = {}
-        for i, item in enumerate(items):
-            try:
-                self.node.config.limits.check_key(item.key)
-                n = quorum.resolve_n(item.options.n, self.node.config.replication_factor)
-                req = ReadReq(item.key, n, _level("r", item.r, n, len(self.node.ring())), item.options.strict)
-                target = self._route(req.key, n, forwarded)
-            except KvError as exc:
-                statuses[i] = _status(exc)
-                continue
-            if target is None:
-                local.append((i, req))
-            else:
-                remote.setdefault(target, []).append(i)
+        local, remote = self._partition(items, self._read_req, forwarded, statuses)
         async with trio.open_nursery() as nursery:
             for target, idx in remote.items():
                 nursery.start_soon(self._forward, target, idx, items, None, deadline, results, statuses)
@@ -149,7 +123,32 @@ class Api:
             context=encode_context(result.context),
         )
 
+    def _read_req(self, item: kv_pb2.GetRequest) -> ReadReq:
+        self.node.config.limits.check_key(item.key)
+        n = quorum.resolve_n(item.options.n, self.node.config.replication_factor)
+        return ReadReq(item.key, n, _level("r", item.r, n, len(self.node.ring())), item.options.strict)
+
     # ---- routing ----------------------------------------------------------------------
+
+    def _partition(
+        self, items: Sequence[Any], build: Any, forwarded: bool, statuses: list[kv_pb2.ItemStatus]
+    ) -> tuple[list[tuple[int, Any]], dict[str, list[int]]]:
+        """Validate each item into a request and split them into those coordinated here and
+        those forwarded (by target node); an invalid item gets its status and goes nowhere."""
+        local: list[tuple[int, Any]] = []
+        remote: dict[str, list[int]] = {}
+        for i, item in enumerate(items):
+            try:
+                req = build(item)
+                target = self._route(req.key, req.n, forwarded)
+            except KvError as exc:
+                statuses[i] = _status(exc)
+                continue
+            if target is None:
+                local.append((i, req))
+            else:
+                remote.setdefault(target, []).append(i)
+        return local, remote
 
     def _route(self, key: bytes, n: int, forwarded: bool) -> str | None:
         """None to coordinate here, else the replica to forward to."""
