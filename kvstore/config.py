@@ -35,6 +35,7 @@ class NodeConfig:
     hint_replay_interval_s: float = 1.0  # how often to check for owners that are back
     hint_replay_batch: int = 256         # hints per replay batch: bounded replay rate
     read_repair: bool = True             # repair stale replicas seen by reads, in the background
+    read_repair_chance: float = 0.1      # share of reads that ask all N replicas, not just R
     tombstone_grace_s: float = 10 * 86400.0  # Cassandra gc_grace_seconds default
     tombstone_purge_interval_s: float = 3600.0  # how often to look for purgeable tombstones
     shutdown_grace_s: float = 5.0        # SIGTERM: how long in-flight requests may finish
@@ -74,6 +75,7 @@ class NodeConfig:
         need(self.hint_max_per_target >= 0, "hint_max_per_target: must be >= 0")
         need(self.tombstone_grace_s >= 0, "tombstone_grace_s: must be >= 0")
         need(self.encryption in ("kms", "none"), f"encryption: {self.encryption!r} is not kms or none")
+        need(0.0 <= self.read_repair_chance <= 1.0, "read_repair_chance: must be in 0..1")
         need(self.kms_check_interval_s > 0, "kms_check_interval_s: must be > 0")
         need(self.rewrap_rate_per_s > 0, "rewrap_rate_per_s: must be > 0")
         need(self.tombstone_purge_interval_s > 0, "tombstone_purge_interval_s: must be > 0")

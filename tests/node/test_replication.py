@@ -161,3 +161,14 @@ async def test_tombstones_are_purged_only_when_every_replica_holds_them(nodes) -
     assert len(await stored_on(cluster, b"partial")) == 3
     async with nodes.client(cluster[0]) as kv:
         assert not (await kv.get(b"gone", r="all")).found
+
+
+async def test_read_asks_a_spare_replica_when_one_it_chose_fails(nodes) -> None:
+    cluster = await nodes.cluster(3, read_repair_chance=0.0)
+    coordinator, cut = cluster[0], cluster[1]
+    keys = [b"spare-%d" % i for i in range(50)]
+    async with nodes.client(coordinator, token_aware=False) as kv:
+        await kv.put_many([(k, k) for k in keys], w="all")
+        coordinator.peer_for_address(cut.address).blocked = True  # not yet seen as down
+        got = await kv.get_many(keys, r="quorum")
+    assert [g.value for g in got] == keys
