@@ -44,6 +44,7 @@ class NodeConfig:
     kms_root_key_file: str = ""          # 0600 root key file; "" = $KVSTORE_ROOT_KEY
     kms_key: str = "alias/kvstore"       # the cluster's KEK (id or alias), shared by every node
     kms_check_interval_s: float = 60.0   # how soon key state changes (disable, rotate) take effect
+    stream_rate_bytes_per_s: float = 50e6  # join/decommission/removenode streams: leave room for requests
     rewrap_rate_per_s: float = 5000.0    # re-wrap job: records per second, so it never starves requests
     test_hooks: bool = False             # enables fault-injection admin calls; never in production
     test_drop_writes: bool = False       # a deliberately broken node: acks writes it never stores
@@ -78,6 +79,7 @@ class NodeConfig:
         need(0.0 <= self.read_repair_chance <= 1.0, "read_repair_chance: must be in 0..1")
         need(self.kms_check_interval_s > 0, "kms_check_interval_s: must be > 0")
         need(self.rewrap_rate_per_s > 0, "rewrap_rate_per_s: must be > 0")
+        need(self.stream_rate_bytes_per_s > 0, "stream_rate_bytes_per_s: must be > 0")
         need(self.tombstone_purge_interval_s > 0, "tombstone_purge_interval_s: must be > 0")
         for name, addr in [("listen", self.listen)] + [("seeds", s) for s in self.seeds]:
             host, sep, port = addr.rpartition(":")

@@ -109,9 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seed", type=int, default=1)
     _add_client_args(bench)
 
+    from kvstore.cli import admin as admin_cli
     from kvstore.cli import kms as kms_cli
 
     kms_cli.add_parser(sub)
+    admin_cli.add_parsers(sub, _add_client_args)
 
     locate = sub.add_parser("locate", help="which nodes replicate and store a key")
     locate.add_argument("key")
@@ -318,6 +320,14 @@ def main(argv: list[str] | None = None) -> int:
         return run_node(args)
     if args.command == "bench":
         return run_bench_command(args)
+    if args.command in ("decommission", "removenode", "cleanup", "repair"):
+        from kvstore.cli import admin as admin_cli
+
+        try:
+            return admin_cli.run(args)
+        except errors.KvError as exc:
+            print(f"kvstore {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return EXIT_CODES.get(type(exc), EXIT_OTHER)
     if args.command == "kms":
         from kvstore.cli import kms as kms_cli
 

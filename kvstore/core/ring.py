@@ -28,6 +28,13 @@ def key_token(key: bytes) -> Token:
     return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big")
 
 
+def in_range(token: Token, start_exclusive: Token, end_inclusive: Token) -> bool:
+    """Whether `token` lies in (start, end], wrapping past 2**64 when start >= end."""
+    if start_exclusive < end_inclusive:
+        return start_exclusive < token <= end_inclusive
+    return token > start_exclusive or token <= end_inclusive
+
+
 def range_size(start_exclusive: Token, end_inclusive: Token) -> int:
     """Number of tokens in (start, end] clockwise; start == end is the whole ring (one token)."""
     return (end_inclusive - start_exclusive - 1) % TOKEN_SPACE + 1

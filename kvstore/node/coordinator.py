@@ -33,6 +33,7 @@ class ClusterView(Protocol):
     clock: HybridClock
     background: trio.Nursery
     rng: random.Random
+    elastic: Any
 
     def ring(self) -> Ring: ...
     def is_up(self, node_id: str) -> bool: ...
@@ -117,6 +118,12 @@ class Coordinator:
             pending = _Pending(needed=req.w, acks=1, acked_by=[view.node_id])
             pendings[i] = pending
             pref = ring.preference_list(req.key, req.n)
+            # ranges moving to a joining node or away from a leaving one: the new replicas must
+            # get the write too, and it is not acknowledged until they have it (as Cassandra)
+            for target in view.elastic.pending(req.key, req.n, pref):
+                plans.setdefault(target, []).append((i, WriteOp(req.key, st.siblings), False))
+                pending.outstanding += 1
+                pending.needed += 1
             used = set(pref)
             for target in pref:
                 if target == view.node_id:

@@ -30,6 +30,7 @@ from kvstore.errors import InvalidArgument, KvError, PermissionDenied, ResourceE
 from kvstore.node.api import FORWARDED_HEADER, Api
 from kvstore.node.bridge import Transport, open_transport
 from kvstore.node.coordinator import Coordinator
+from kvstore.node.elastic import Elastic
 from kvstore.node.gossip import Gossip
 from kvstore.node.keys import Keys
 from kvstore.node.local import LocalStore
@@ -124,6 +125,7 @@ class Node:
         self.key_count = 0
         self.clock = HybridClock()
         self.coordinator = Coordinator(self)
+        self.elastic = Elastic(self)
         self.api = Api(self)
         self.peers: dict[str, Peer] = {}          # by address
         self.hint_counts: dict[str, int] = {}
@@ -188,8 +190,9 @@ class Node:
     async def _gossip_call(self, address: str, kind: str, body: Any, timeout_s: float) -> Any:
         return await self.peer_for_address(address).call(kind, body, timeout_s)
 
-    async def _join(self) -> None:
-        """Learn the cluster from seeds (if any), then take tokens: balanced against the ring."""
+    async def _take_tokens(self) -> bool:
+        """Learn the cluster from seeds (if any) and take tokens balanced against its ring.
+        Returns True when this node must bootstrap (stream its ranges) before it is normal."""
         assert self.gossip is not None
         tokens = tuple(self.ident.get("tokens") or ())
         if not tokens:
@@ -201,15 +204,22 @@ class Node:
                         await trio.sleep(self.gossip.interval_s)
                 if len(self.gossip.table) == 1:
                     raise SystemExit(f"could not reach any seed of {', '.join(self.config.seeds)} in 30 s")
+            joining_existing = len(self.gossip.table) > 1
             tokens = ringmod.allocate_tokens(
-                ring_of(self.gossip.table) if len(self.gossip.table) > 1 else None,
+                ring_of(self.gossip.table) if joining_existing else None,
                 self.config.tokens_per_node,
                 self.rng,
             )
             self.ident["tokens"] = list(tokens)
-            save_identity(self.config.data_dir, self.ident)
+            if joining_existing:
+                self.ident["bootstrap"] = {"done": False, "cursors": {}}
+            self.save_identity()
         self.gossip.set_me(replace(self.gossip.me, tokens=tokens))
-        self.gossip.set_status(Status.NORMAL)
+        boot = self.ident.get("bootstrap")
+        return bool(boot) and not boot.get("done")
+
+    def save_identity(self) -> None:
+        save_identity(self.config.data_dir, self.ident)
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -219,13 +229,18 @@ class Node:
             self.gossip = Gossip(me, self.config.seeds, self.config.gossip_interval_s,
                                  self._gossip_call, self.rng, self.config.phi_threshold)
             self.hint_counts = await self.engine.hint_counts()
-            await self._join()
+            must_bootstrap = await self._take_tokens()
             nursery.start_soon(self.gossip.run)
             nursery.start_soon(self._stop_when_removed)
             nursery.start_soon(self._publish_load)
             nursery.start_soon(self._replay_hints_loop)
             nursery.start_soon(self._purge_loop)
             nursery.start_soon(self.keys.watch, self.config.kms_check_interval_s)
+            if must_bootstrap:  # joining a cluster that may hold data: stream our ranges first
+                log.info("joining: waiting for the cluster to see this node, then streaming its ranges")
+                await self.elastic.wait_seen(Status.JOINING)
+                await self.elastic.bootstrap()
+            self.gossip.set_status(Status.NORMAL)
             log.info("node %s serving on %s (%d tokens)", self.node_id, self.address, len(self.gossip.me.tokens))
             task_status.started(self)
             await self.stopping.wait()
@@ -334,6 +349,10 @@ class Node:
             return [len(sibs) if isinstance(sibs, list) else -1, hinted]
         if kind == "status":
             return self.own_view()
+        if kind == "stream-ranges":
+            return await self.elastic.serve_stream(body)
+        if kind == "rereplicate":
+            return await self.elastic.rereplicate(body)
         raise InvalidArgument(f"call: unknown kind {kind[:32]!r}")
 
     # ---- hinted handoff ----------------------------------------------------------------
@@ -346,13 +365,20 @@ class Node:
             except KvError as exc:
                 log.info("hint replay paused: %s", exc)
 
-    async def replay_hints(self) -> int:
-        """Send held hints to owners that are up; a hint is deleted only after its owner acks."""
+    async def replay_hints(self, everything: bool = False) -> int:
+        """Send held hints to owners that are up; a hint is deleted only after its owner acks.
+        Hints for owners that left or were removed go to the key's current replicas instead,
+        and so do all hints when `everything` (a decommissioning node hands its hints on)."""
         assert self.gossip is not None
         self.hint_counts = {t: c for t, c in (await self.engine.hint_counts()).items() if c}
         replayed = 0
         for target, count in list(self.hint_counts.items()):
-            if target == self.node_id or target not in self.gossip.table or not self.is_up(target):
+            state = self.gossip.table.get(target)
+            departed = state is None or state.status in (Status.LEFT, Status.REMOVED)
+            if departed or (everything and not self.is_up(target)):
+                replayed += await self._reroute_hints(target)
+                continue
+            if target == self.node_id or not self.is_up(target):
                 continue
             hints = await self.engine.hints_for(target, self.config.hint_replay_batch)
             if not hints:
@@ -370,6 +396,33 @@ class Node:
             self.hint_counts[target] = count - deleted
             log.info("replayed %d hints to %s (%d left)", deleted, target, self.hint_counts[target])
         return replayed
+
+    async def _reroute_hints(self, target: str) -> int:
+        moved = 0
+        while True:
+            hints = await self.engine.hints_for(target, self.config.hint_replay_batch)
+            if not hints:
+                return moved
+            ring, n = self.ring(), self.config.replication_factor
+            per_node: dict[str, list[tuple[int, WriteOp]]] = {}
+            for i, (key, record) in enumerate(hints):
+                for node_id in ring.preference_list(key, n):
+                    if node_id != self.node_id:
+                        per_node.setdefault(node_id, []).append((i, WriteOp(key, decode_record(record, key))))
+                    else:
+                        await self.store.merge_many([(key, decode_record(record, key))])
+            failed: set[int] = set()
+            for node_id, ops in per_node.items():
+                try:
+                    replies = await self.peer(node_id).replicate([op for _, op in ops], self.config.replica_timeout_s)
+                    failed.update(i for (i, _), (code, _) in zip(ops, replies) if code != 0)
+                except KvError:
+                    failed.update(i for i, _ in ops)
+            done = [h for i, h in enumerate(hints) if i not in failed]
+            deleted = await self.engine.delete_hints_if_unchanged(target, done)
+            moved += deleted
+            if deleted == 0:
+                return moved  # nobody takes them now: try again next round
 
     # ---- tombstone GC ---------------------------------------------------------------------
 
@@ -552,11 +605,20 @@ class Node:
             for address in addresses:
                 self.peer_for_address(address).blocked = True
             return wire.packb({"blocked": sorted(a for a, p in self.peers.items() if p.blocked)})
+        if name == "decommission":
+            return wire.packb(await self.elastic.decommission())
+        if name == "removenode":
+            node_id = params.get("node_id")
+            if not isinstance(node_id, str):
+                raise InvalidArgument("node_id: required, a node id")
+            return wire.packb(await self.elastic.removenode(node_id))
+        if name == "cleanup":
+            return wire.packb({"deleted": await self.elastic.cleanup()})
         if name == "purge-tombstones":
             return wire.packb({"purged": await self.purge_tombstones()})
         if name == "replay-hints":
             return wire.packb({"replayed": await self.replay_hints()})
-        raise InvalidArgument(f"command: unknown command {name[:32]!r} (rewrap, kms-reload, purge-tombstones, replay-hints)")
+        raise InvalidArgument(f"command: unknown command {name[:32]!r} (rewrap, kms-reload, decommission, removenode, cleanup, purge-tombstones, replay-hints)")
 
     # ---- public and admin responses ------------------------------------------------------
 
@@ -611,6 +673,7 @@ class Node:
             "read_repairs": self.coordinator.repairs,
             "encryption": self.keys.describe(),
             "rewrap": dict(self.rewrap_progress),
+            "stream": {k: v for k, v in self.elastic.progress.items() if k != "started"},
         }
 
     async def status_response(self) -> admin_pb2.StatusResponse:

@@ -400,3 +400,11 @@ def test_ring_module_imports_nothing_that_does_io():
         elif isinstance(node, ast.ImportFrom):
             imported.add(node.module)
     assert imported <= allowed
+
+
+def test_in_range_handles_wrap_around() -> None:
+    from kvstore.core.ring import in_range
+
+    assert in_range(5, 1, 5) and not in_range(1, 1, 5) and not in_range(6, 1, 5)
+    assert in_range(2**64 - 1, 2**63, 3) and in_range(0, 2**63, 3) and in_range(3, 2**63, 3)
+    assert not in_range(4, 2**63, 3)

@@ -1,0 +1,136 @@
+"""Growing and shrinking a live cluster: joins stream their ranges, decommission and removenode
+re-home data, and afterwards every key sits on exactly the N nodes the ring names."""
+from __future__ import annotations
+
+import msgpack
+import trio
+
+from kvstore.errors import KvError
+from tests.node.conftest import eventually
+
+
+class Writer:
+    """A continuous write load that remembers what was acknowledged."""
+
+    def __init__(self, kv, prefix: bytes) -> None:
+        self.kv, self.prefix, self.acked, self.stop = kv, prefix, {}, trio.Event()
+
+    async def run(self) -> None:
+        i = 0
+        while not self.stop.is_set():
+            batch = [(self.prefix + b"-%06d" % (i + j), b"v%d" % (i + j)) for j in range(50)]
+            i += 50
+            for (k, v), r in zip(batch, await self.kv.put_many(batch)):
+                if isinstance(r, bytes):
+                    self.acked[k] = v
+            await trio.sleep(0.01)
+
+
+async def placement_errors(nodes_list, keys, n=3) -> list[str]:
+    """Keys not stored on exactly the preference list the (shared) ring names."""
+    ring = nodes_list[0].ring()
+    held = {node.node_id: set() for node in nodes_list}
+    for node in nodes_list:
+        raws = await node.engine.get_many(list(keys))
+        held[node.node_id] = {k for k, r in zip(keys, raws) if r is not None}
+    bad = []
+    for key in keys:
+        want = set(ring.preference_list(key, n))
+        have = {nid for nid, ks in held.items() if key in ks}
+        if want != have:
+            bad.append(f"{key!r}: on {sorted(have)}, ring says {sorted(want)}")
+    return bad
+
+
+async def all_acked_readable(kv, acked: dict[bytes, bytes]) -> list[bytes]:
+    keys = list(acked)
+    lost = []
+    for start in range(0, len(keys), 500):
+        chunk = keys[start:start + 500]
+        for k, got in zip(chunk, await kv.get_many(chunk, r="quorum")):
+            if isinstance(got, KvError) or got.value != acked[k]:
+                lost.append(k)
+    return lost
+
+
+async def cleanup(kv, nodes_list) -> None:
+    for node in nodes_list:
+        await kv.command("cleanup", {}, address=node.address)
+
+
+async def test_nodes_join_under_write_load_and_take_exactly_their_ranges(nodes) -> None:
+    cluster = await nodes.cluster(3)
+    async with nodes.client(*cluster) as kv:
+        base = {b"base-%05d" % i: b"b%d" % i for i in range(3000)}
+        assert all(isinstance(r, bytes) for r in await kv.put_many(list(base.items())))
+        writer = Writer(kv, b"load")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer.run)
+            cluster.append(await nodes.start())
+            cluster.append(await nodes.start())
+            await nodes.converged(cluster)
+            await trio.sleep(0.2)
+            writer.stop.set()
+        assert len(writer.acked) > 100
+        acked = {**base, **writer.acked}
+        await cleanup(kv, cluster)
+        assert await placement_errors(cluster, list(acked)) == []
+        assert await all_acked_readable(kv, acked) == []
+        status = await kv.status(cluster[3].address)
+        assert status["stream"]["op"] == "join" and status["stream"]["state"] == "done"
+
+
+async def test_decommission_under_load_moves_data_away_and_the_node_leaves(nodes) -> None:
+    cluster = await nodes.cluster(4)
+    leaving, staying = cluster[3], cluster[:3]
+    async with nodes.client(*staying) as kv:
+        base = {b"d-%05d" % i: b"x%d" % i for i in range(2000)}
+        await kv.put_many(list(base.items()))
+        writer = Writer(kv, b"dload")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer.run)
+            report = msgpack.unpackb(await kv.command("decommission", {}, address=leaving.address, timeout_s=60))
+            writer.stop.set()
+        assert report["streamed"] > 0
+        with trio.fail_after(10):
+            await leaving.stopped.wait()
+        await eventually(lambda: _ring_size(staying, 3), what="ring of 3")
+        acked = {**base, **writer.acked}
+        assert await placement_errors(staying, list(acked)) == []
+        assert await all_acked_readable(kv, acked) == []
+
+
+async def _ring_size(nodes_list, size) -> bool:
+    return all(len(n.ring()) == size for n in nodes_list)
+
+
+async def test_removenode_rereplicates_a_dead_nodes_ranges(nodes) -> None:
+    cluster = await nodes.cluster(4)
+    dead, alive = cluster[3], cluster[:3]
+    async with nodes.client(*alive) as kv:
+        data = {b"r-%05d" % i: b"y%d" % i for i in range(2000)}
+        await kv.put_many(list(data.items()), w="all")
+        await nodes.stop(dead)
+        await eventually(lambda: _all_see_down(alive, dead.node_id), what="dead node marked down")
+        report = msgpack.unpackb(await kv.command("removenode", {"node_id": dead.node_id},
+                                                  address=alive[0].address, timeout_s=60))
+        assert report["removed"] == dead.node_id
+        await eventually(lambda: _ring_size(alive, 3), what="ring of 3")
+        assert await placement_errors(alive, list(data)) == []
+        assert await all_acked_readable(kv, data) == []
+
+
+async def _all_see_down(nodes_list, node_id) -> bool:
+    return all(not n.is_up(node_id) for n in nodes_list)
+
+
+async def test_decommission_of_the_last_node_is_refused(nodes) -> None:
+    node = await nodes.start()
+    async with nodes.client(node) as kv:
+        try:
+            await kv.command("decommission", {}, address=node.address)
+        except KvError as exc:
+            assert "last node" in str(exc)
+        else:
+            raise AssertionError("decommissioning the last node must fail")
+        await kv.put(b"still", b"serving")
