@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_client_args(status)
 
     ring = sub.add_parser("ring", help="tokens and ownership")
+    ring.add_argument("--png", type=Path, metavar="FILE", help="draw the ring as a PNG picture")
+    ring.add_argument("--svg", type=Path, metavar="FILE", help="draw the ring as an SVG picture")
+    ring.add_argument("--key", default="", help="with --png/--svg: mark this key's token and replicas")
     _add_client_args(ring)
 
     bench = sub.add_parser("bench", help="load generator: ops/s and latency percentiles")
@@ -175,6 +178,15 @@ def run_client_command(args: argparse.Namespace) -> int:
             return _status(kv, args)
         if args.command == "ring":
             topo = kv.refresh_ring()
+            for fmt, out in (("png", args.png), ("svg", args.svg)):
+                if out:
+                    from kvstore.cli.ringplot import draw_ring
+
+                    try:
+                        draw_ring(topo.ring, out, fmt, key=key or None, n=topo.n)
+                    except (RuntimeError, OSError) as exc:  # matplotlib missing, unwritable path
+                        print(f"kvstore ring: {exc}", file=sys.stderr)
+                        return 2
             own = topo.ring.ownership()
             rows = [{"node_id": nid, "address": topo.addresses[nid], "up": nid in topo.up,
                      "tokens": len(topo.ring.nodes[nid].tokens), "ownership": own.get(nid, 0.0)}
