@@ -44,6 +44,7 @@ class NodeConfig:
     kms_root_key_file: str = ""          # 0600 root key file; "" = $KVSTORE_ROOT_KEY
     kms_key: str = "alias/kvstore"       # the cluster's KEK (id or alias), shared by every node
     kms_check_interval_s: float = 60.0   # how soon key state changes (disable, rotate) take effect
+    anti_entropy_interval_s: float = 3600.0  # Merkle repair with every other replica, hourly
     stream_rate_bytes_per_s: float = 50e6  # join/decommission/removenode streams: leave room for requests
     rewrap_rate_per_s: float = 5000.0    # re-wrap job: records per second, so it never starves requests
     test_hooks: bool = False             # enables fault-injection admin calls; never in production
@@ -79,6 +80,7 @@ class NodeConfig:
         need(0.0 <= self.read_repair_chance <= 1.0, "read_repair_chance: must be in 0..1")
         need(self.kms_check_interval_s > 0, "kms_check_interval_s: must be > 0")
         need(self.rewrap_rate_per_s > 0, "rewrap_rate_per_s: must be > 0")
+        need(self.anti_entropy_interval_s > 0, "anti_entropy_interval_s: must be > 0")
         need(self.stream_rate_bytes_per_s > 0, "stream_rate_bytes_per_s: must be > 0")
         need(self.tombstone_purge_interval_s > 0, "tombstone_purge_interval_s: must be > 0")
         for name, addr in [("listen", self.listen)] + [("seeds", s) for s in self.seeds]:
@@ -99,8 +101,9 @@ PROFILES: dict[str, dict[str, Any]] = {
     "test": {
         "gossip_interval_s": 0.1,
         "hint_replay_interval_s": 0.1,
-        "replica_timeout_s": 1.0,
-        "request_timeout_s": 3.0,
+        # in-process test clusters share one interpreter (one GIL) on a busy 2-core machine
+        "replica_timeout_s": 3.0,
+        "request_timeout_s": 6.0,
         "fsync": "never",
         "shutdown_grace_s": 2.0,
         "kms_check_interval_s": 0.2,

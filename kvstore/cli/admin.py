@@ -25,6 +25,7 @@ def add_parsers(sub: Any, add_client_args: Callable[[argparse.ArgumentParser], N
     clean.add_argument("--yes", action="store_true")
     add_client_args(clean)
     rep = sub.add_parser("repair", help="Merkle anti-entropy: make the contacted node's replicas agree")
+    rep.add_argument("--range", help="only this token range, as START:END")
     add_client_args(rep)
 
 
@@ -90,6 +91,9 @@ def run(args: argparse.Namespace) -> int:
             name, params = "cleanup", {}
         else:
             name, params = "repair", {}
+            if args.range:
+                start, _, end = args.range.partition(":")
+                params = {"range": [int(start), int(end)]}
         payload = _with_progress(kv, address, lambda: kv.command(name, params, address=address, timeout_s=24 * 3600),
                                  show=sys.stderr.isatty() and not args.json)
     report = msgpack.unpackb(payload, raw=False)

@@ -170,13 +170,16 @@ class Elastic:
         for start, end, old, new in moved_ranges(current, future, n):
             if node.node_id not in new or node.node_id in old:
                 continue
+            # pull from every live replica, not one: a write acknowledged at QUORUM may be missing
+            # on any single replica, but not on all the live ones
             sources = sorted(t for t in old if node.is_up(t))
             if not sources:
                 if old:
                     raise Unavailable(f"no live replica holds range ({start}, {end}]: its owners "
                                       f"{sorted(old)} are down")
                 continue
-            by_source.setdefault(sources[hash((start, end)) % len(sources)], []).append((start, end))
+            for source in sources:
+                by_source.setdefault(source, []).append((start, end))
         state = node.ident.setdefault("bootstrap", {"done": False, "cursors": {}})
         self._start("join")
         for source, ranges in by_source.items():

@@ -31,6 +31,7 @@ from kvstore.node.api import FORWARDED_HEADER, Api
 from kvstore.node.bridge import Transport, open_transport
 from kvstore.node.coordinator import Coordinator
 from kvstore.node.elastic import Elastic
+from kvstore.node.repair import Repair
 from kvstore.node.gossip import Gossip
 from kvstore.node.keys import Keys
 from kvstore.node.local import LocalStore
@@ -126,6 +127,7 @@ class Node:
         self.clock = HybridClock()
         self.coordinator = Coordinator(self)
         self.elastic = Elastic(self)
+        self.repairer = Repair(self)
         self.api = Api(self)
         self.peers: dict[str, Peer] = {}          # by address
         self.hint_counts: dict[str, int] = {}
@@ -235,6 +237,7 @@ class Node:
             nursery.start_soon(self._publish_load)
             nursery.start_soon(self._replay_hints_loop)
             nursery.start_soon(self._purge_loop)
+            nursery.start_soon(self.repairer.run_periodically)
             nursery.start_soon(self.keys.watch, self.config.kms_check_interval_s)
             if must_bootstrap:  # joining a cluster that may hold data: stream our ranges first
                 log.info("joining: waiting for the cluster to see this node, then streaming its ranges")
@@ -353,6 +356,10 @@ class Node:
             return await self.elastic.serve_stream(body)
         if kind == "rereplicate":
             return await self.elastic.rereplicate(body)
+        if kind == "merkle-trees":
+            return await self.repairer.serve_trees(body)
+        if kind == "range-digests":
+            return await self.repairer.serve_digests(body)
         raise InvalidArgument(f"call: unknown kind {kind[:32]!r}")
 
     # ---- hinted handoff ----------------------------------------------------------------
@@ -441,7 +448,11 @@ class Node:
         replicas answer with the very same tombstones: a replica that missed the delete would
         otherwise bring the value back (zombie data)."""
         n = self.config.replication_factor
-        cutoff = self.now_ms() - int(self.config.tombstone_grace_s * 1000)
+        # purge only tombstones older than the grace period AND written before the last complete
+        # repair of this node's ranges (Scylla #3560: otherwise a replica that missed the delete
+        # can bring the value back)
+        cutoff = min(self.now_ms() - int(self.config.tombstone_grace_s * 1000),
+                     int(self.ident.get("repaired_at_ms", 0)))
         purged, after = 0, None
         while True:
             rows = await self.engine.scan(after, page)
@@ -612,13 +623,20 @@ class Node:
             if not isinstance(node_id, str):
                 raise InvalidArgument("node_id: required, a node id")
             return wire.packb(await self.elastic.removenode(node_id))
+        if name == "repair":
+            only = params.get("range")
+            if only is not None:
+                if not (isinstance(only, list) and len(only) == 2 and all(isinstance(t, int) for t in only)):
+                    raise InvalidArgument("range: must be [start, end] tokens")
+                only = (only[0], only[1])
+            return wire.packb(await self.repairer.repair(only))
         if name == "cleanup":
             return wire.packb({"deleted": await self.elastic.cleanup()})
         if name == "purge-tombstones":
             return wire.packb({"purged": await self.purge_tombstones()})
         if name == "replay-hints":
             return wire.packb({"replayed": await self.replay_hints()})
-        raise InvalidArgument(f"command: unknown command {name[:32]!r} (rewrap, kms-reload, decommission, removenode, cleanup, purge-tombstones, replay-hints)")
+        raise InvalidArgument(f"command: unknown command {name[:32]!r} (rewrap, kms-reload, decommission, removenode, cleanup, repair, purge-tombstones, replay-hints)")
 
     # ---- public and admin responses ------------------------------------------------------
 
@@ -674,6 +692,8 @@ class Node:
             "encryption": self.keys.describe(),
             "rewrap": dict(self.rewrap_progress),
             "stream": {k: v for k, v in self.elastic.progress.items() if k != "started"},
+            "repair": dict(self.repairer.progress),
+            "repaired_at_ms": self.ident.get("repaired_at_ms", 0),
         }
 
     async def status_response(self) -> admin_pb2.StatusResponse:
