@@ -184,9 +184,9 @@ class Elastic:
         self._start("join")
         for source, ranges in by_source.items():
             cursor = state["cursors"].get(source)
-            after = bytes.fromhex(cursor) if cursor else None
             if cursor == "done":
                 continue
+            after = bytes.fromhex(cursor) if cursor else None
             while True:
                 page = await node.peer(source).call(
                     "stream-ranges", {"ranges": [list(r) for r in ranges], "after": after},

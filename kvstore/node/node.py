@@ -186,6 +186,8 @@ class Node:
             return server, port
 
         self._server, port = await self.transport.run(start)
+        # also stopped when the node is cancelled rather than drained (stop is idempotent)
+        self.transport.add_cleanup(self._server.stop, 0)
         host = self.config.listen.rpartition(":")[0]
         return self.config.advertise or f"{host}:{port}"
 
@@ -197,15 +199,11 @@ class Node:
         Returns True when this node must bootstrap (stream its ranges) before it is normal."""
         assert self.gossip is not None
         tokens = tuple(self.ident.get("tokens") or ())
+        boot = self.ident.get("bootstrap")
+        resuming = bool(boot) and not boot.get("done")
+        if (not tokens or resuming) and self.config.seeds:
+            await self._learn_cluster()
         if not tokens:
-            if self.config.seeds:
-                with trio.move_on_after(30):
-                    while not any(s.node_id != self.node_id and s.status == Status.NORMAL
-                                  for s in self.gossip.table.values()):
-                        await self.gossip.round()
-                        await trio.sleep(self.gossip.interval_s)
-                if len(self.gossip.table) == 1:
-                    raise SystemExit(f"could not reach any seed of {', '.join(self.config.seeds)} in 30 s")
             joining_existing = len(self.gossip.table) > 1
             tokens = ringmod.allocate_tokens(
                 ring_of(self.gossip.table) if joining_existing else None,
@@ -219,6 +217,17 @@ class Node:
         self.gossip.set_me(replace(self.gossip.me, tokens=tokens))
         boot = self.ident.get("bootstrap")
         return bool(boot) and not boot.get("done")
+
+    async def _learn_cluster(self) -> None:
+        """Gossip with the seeds until a normal member is known (bounded)."""
+        assert self.gossip is not None
+        with trio.move_on_after(30):
+            while not any(s.node_id != self.node_id and s.status == Status.NORMAL
+                          for s in self.gossip.table.values()):
+                await self.gossip.round()
+                await trio.sleep(self.gossip.interval_s)
+        if len(self.gossip.table) == 1:
+            raise SystemExit(f"could not reach any seed of {', '.join(self.config.seeds)} in 30 s")
 
     def save_identity(self) -> None:
         save_identity(self.config.data_dir, self.ident)

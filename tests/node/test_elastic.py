@@ -153,3 +153,32 @@ async def test_repair_restores_a_record_deleted_behind_the_clusters_back(nodes) 
         again = msgpack.unpackb(await kv.command("repair", {}, address=victim.address, timeout_s=60))
         assert again["differing_buckets"] == 0  # converged: trees now agree
         assert (await kv.status(victim.address))["repaired_at_ms"] > 0
+
+
+async def test_an_interrupted_join_resumes_from_its_saved_cursors(nodes) -> None:
+    import json
+
+    from kvstore.node.node import serve
+
+    cluster = await nodes.cluster(3)
+    async with nodes.client(*cluster) as kv:
+        data = {b"j-%05d" % i: b"v" * 512 for i in range(3000)}
+        await kv.put_many(list(data.items()), w="all")
+    config = nodes.config("n4", seeds=tuple(n.address for n in cluster), storage="sqlite",
+                          stream_rate_bytes_per_s=200_000.0)  # slow enough to interrupt
+    with trio.move_on_after(3.0):  # the "crash": the joining node is cancelled mid-stream
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve, config)
+            raise AssertionError("the slow join should not have finished")
+    ident = json.loads((config.data_dir / "node.json").read_text())
+    assert ident["bootstrap"]["done"] is False and ident["bootstrap"]["cursors"], ident.get("bootstrap")
+    joined = await nodes.start("n4", seeds=tuple(n.address for n in cluster), storage="sqlite")
+    assert joined.elastic.progress["state"] == "done"
+    ident = json.loads((config.data_dir / "node.json").read_text())
+    assert ident["bootstrap"]["done"] is True
+    cluster.append(joined)
+    await nodes.converged(cluster)
+    async with nodes.client(*cluster) as kv:
+        for node in cluster:
+            await kv.command("cleanup", {}, address=node.address)
+    assert await placement_errors(cluster, list(data)) == []
