@@ -70,7 +70,8 @@ class _Conn:
         except grpc.aio.AioRpcError as exc:
             self._reset()
             raise Unavailable(f"peer {self.address}: {exc.code().name}") from None
-        except grpc.aio.UsageError:
+        except (grpc.aio.UsageError, asyncio.InvalidStateError):
+            # The stream finished under us (the peer died between our check and the write).
             self._reset()
             raise Unavailable(f"peer {self.address}: stream closed") from None
         finally:
@@ -198,7 +199,10 @@ class Peer:
             if len(results) != len(ops):
                 raise Unavailable(f"peer {self.node_id}: answered {len(results)} of {len(ops)} ops")
             self.reachable = True
-        except Unavailable as exc:
+        except Exception as exc:  # noqa: BLE001 - a sender must outlive any one failed batch
+            if not isinstance(exc, Unavailable):
+                log.warning("peer %s: replica batch failed unexpectedly: %r", self.node_id, exc)
+                exc = Unavailable(f"peer {self.node_id}: send failed: {type(exc).__name__}")
             self.reachable = False
             for item in taken:
                 item.results = exc
