@@ -18,7 +18,7 @@ from kvstore.core.records import siblings_from_wire
 from kvstore.core.ring import Ring
 from kvstore.core.versions import Sibling, VersionVector
 from kvstore.core.wire import ReadOp, WriteOp
-from kvstore.errors import DeadlineExceeded, KvError, Unavailable
+from kvstore.errors import KvError, Unavailable
 from kvstore.node.local import LocalStore, Stamp
 from kvstore.node.peers import Peer
 from kvstore.node.status import error_from
@@ -208,8 +208,11 @@ class Coordinator:
                 used = set(ring.preference_list(req.key, req.n))
                 fb = self._fallback(ring, req.key, used | {peer_id})
             if fb is None:
-                if primary:  # nobody else can hold it: keep the hint here
-                    local_hints.append((peer_id, op.key, op.siblings))
+                # Nobody else can hold it: keep the hint here, for the primary it was meant for
+                # (when this was already a fallback, for the primary that fallback stood in for).
+                target = peer_id if primary else op.hint_for
+                if target:
+                    local_hints.append((target, op.key, op.siblings))
                 on_result(i, peer_id, False)
             else:
                 retry.setdefault(fb, []).append((i, WriteOp(op.key, op.siblings, peer_id), False))

@@ -176,3 +176,28 @@ async def test_read_asks_a_spare_replica_when_one_it_chose_fails(nodes) -> None:
         coordinator.peer_for_address(cut.address).blocked = True  # not yet seen as down
         got = await kv.get_many(keys, r="quorum")
     assert [g.value for g in got] == keys
+
+
+async def test_a_hint_is_kept_when_both_the_primary_and_its_fallback_fail(nodes) -> None:
+    cluster = await nodes.cluster(4)
+    coord = cluster[0]
+    ring = coord.ring()
+    key = next(
+        k for k in (b"twice-%d" % i for i in range(1000))
+        if ring.preference_list(k, 3)[0] == coord.node_id
+    )
+    pref = ring.preference_list(key, 3)
+    victim = pref[2]
+    [fallback] = [n.node_id for n in cluster if n.node_id not in pref]
+    # The coordinator still believes both are up, but its links to them are cut.
+    coord.peer(victim).blocked = True
+    coord.peer(fallback).blocked = True
+    async with nodes.client(coord, token_aware=False) as kv:
+        await kv.put(key, b"kept", w=2)
+    assert (await coord.engine.hint_counts()).get(victim, 0) == 1
+    coord.peer(victim).blocked = False
+    coord.peer(fallback).blocked = False
+    await coord.replay_hints(everything=True)
+    [holder] = [n for n in cluster if n.node_id == victim]
+    assert await _holds_all(holder, [key])
+    assert (await coord.engine.hint_counts()).get(victim, 0) == 0
