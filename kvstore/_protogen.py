@@ -6,7 +6,6 @@ Generated modules land flat in one package directory with imports rewritten to b
 from __future__ import annotations
 
 import re
-import shutil
 import tempfile
 from pathlib import Path
 

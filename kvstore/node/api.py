@@ -15,7 +15,7 @@ from kvstore._proto import kv_pb2
 from kvstore.core import quorum
 from kvstore.core.records import decode_context, encode_context
 from kvstore.core.versions import Sibling
-from kvstore.errors import InvalidArgument, KvError, Unavailable
+from kvstore.errors import KvError, Unavailable
 from kvstore.node.coordinator import ReadReq, ReadResult, WriteReq
 from kvstore.node.status import code_of, error_from, message_of, number_of
 

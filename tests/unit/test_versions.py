@@ -1,7 +1,6 @@
 """Dotted version vectors: merge laws, sibling survival, stamping, against a naive model."""
 from __future__ import annotations
 
-import itertools
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
