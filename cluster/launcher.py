@@ -31,6 +31,7 @@ import contextlib
 import fcntl
 import json
 import os
+import random
 import shlex
 import signal
 import socket
@@ -118,6 +119,17 @@ def port_is_free(port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def free_base_port(span: int = 16, rng: "random.Random | None" = None) -> int:
+    """A random base port in 20000-45000 with `span` free ports above it, so concurrent runs and
+    leftovers of other tests do not collide."""
+    rng = rng or random.Random()
+    for _ in range(200):
+        base = rng.randrange(20000, 45000 - span)
+        if all(port_is_free(p) for p in range(base, base + span)):
+            return base
+    raise RuntimeError("no free port range in 20000-45000")
 
 
 def tail(path: Path, lines: int) -> str:

@@ -14,7 +14,7 @@ import trio
 from cluster.launcher import LocalCluster
 from kvstore.client import Client
 from kvstore.errors import KvError
-from tests.chaos.test_launcher import free_base_port
+from cluster.launcher import free_base_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.chaos]
 

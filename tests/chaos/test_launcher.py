@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import random
 import socket
 import subprocess
 from pathlib import Path
@@ -11,31 +10,9 @@ from typing import Any, Callable
 import pytest
 import trio
 
-from cluster.launcher import ClusterError, ClusterRunning, LocalCluster, NodeFailed, processes_under
+from cluster.launcher import ClusterError, ClusterRunning, LocalCluster, NodeFailed, free_base_port, processes_under
 
 pytestmark = pytest.mark.slow
-
-PORT_SPAN = 16  # ports each test may use above its base
-
-
-def free_base_port() -> int:
-    """A random base in 20000-40000 with PORT_SPAN free ports above it, so concurrent runs and
-    leftovers of other tests do not collide."""
-    rng = random.Random()
-    for _ in range(100):
-        base = rng.randrange(20000, 40000 - PORT_SPAN)
-        if all(_free(p) for p in range(base, base + PORT_SPAN)):
-            return base
-    raise RuntimeError("no free port range found in 20000-40000")
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def cluster_at(tmp_path: Path, **kw: Any) -> LocalCluster:
