@@ -50,6 +50,7 @@ class Gossip:
         self.removed_self = trio.Event()   # this node was removed by an operator: it must stop
         self.changed = trio.Event()
         self._ring: Ring = mb.ring_of(self.table)
+        self._in_flight: set[str] = set()  # addresses with an exchange under way
 
     # ---- what the node asks -----------------------------------------------------------
 
@@ -124,7 +125,9 @@ class Gossip:
     def _targets(self) -> list[str]:
         others = [s for s in self.table.values()
                   if s.node_id != self.me.node_id and s.status not in (Status.LEFT, Status.REMOVED)]
-        up = [s.address for s in others if self.is_up(s.node_id)]
+        # a peer whose last exchange still hangs (cut off, paused) is not chosen as this round's
+        # live peer: heartbeats keep flowing to the others while the detector judges that one
+        up = [s.address for s in others if self.is_up(s.node_id) and s.address not in self._in_flight]
         down = [s.address for s in others if not self.is_up(s.node_id)]
         targets = []
         if up:
@@ -148,20 +151,33 @@ class Gossip:
         if wanted:
             await self.call(address, "gossip-ack", [s.to_wire() for s in mb.delta_for(self.table, wanted)], timeout)
 
-    async def round(self) -> None:
+    def _start_round(self, nursery: trio.Nursery) -> None:
         self.set_me(self.me.beat())
-        async with trio.open_nursery() as nursery:
-            for address in self._targets():
+        for address in self._targets():
+            if address not in self._in_flight:  # at most one exchange per peer at a time
+                self._in_flight.add(address)
                 nursery.start_soon(self._exchange_quietly, address)
         self.rounds += 1
+
+    async def round(self) -> None:
+        """One round, waiting for its exchanges (used while learning the cluster at start)."""
+        async with trio.open_nursery() as nursery:
+            self._start_round(nursery)
 
     async def _exchange_quietly(self, address: str) -> None:
         try:
             await self.exchange(address)
         except KvError as exc:
             log.debug("gossip with %s failed: %s", address, exc)
+        finally:
+            self._in_flight.discard(address)
 
     async def run(self) -> None:
-        while True:
-            await self.round()
-            await trio.sleep(self.interval_s)
+        """A round every interval, whether or not earlier exchanges have answered: a round that
+        waited for a peer that no longer answers (a partition drops packets silently, so only the
+        call's deadline ends it) would starve every other peer of heartbeats, and they would
+        mark each other down too."""
+        async with trio.open_nursery() as nursery:
+            while True:
+                self._start_round(nursery)
+                await trio.sleep(self.interval_s)
