@@ -30,6 +30,7 @@ import trio
 from cluster.checker import CheckResult, check, format_report
 from cluster.history import AFTER_READS, ANTI_ENTROPY, SETTLED, FinalRead, FinalState, History, ReplicaState
 from cluster.launcher import LocalCluster, free_base_port, status_of
+from cluster.netns import available as netns_available
 from cluster.nemesis import ALL_FAULTS, CHANNEL_OPTIONS, Nemesis, Step, admin_command, make_schedule
 from cluster.workload import Workload, WorkloadConfig
 from kvstore._proto import internal_pb2, internal_pb2_grpc
@@ -70,6 +71,7 @@ class Scenario:
     drop_writes: bool = False               # every node acks writes it never stores (proves the checker)
     extra_args: tuple[str, ...] = ()
     anti_entropy: bool = True               # run `repair` on every node before the final reads
+    network: str = "auto"                   # netns when this machine can (root), else loopback + hook
 
     def make_schedule(self, seed: int, names: list[str]) -> list[Step]:
         rng = random.Random(f"nemesis:{seed}")
@@ -128,9 +130,15 @@ class Run:
     async def go(self) -> tuple[CheckResult, History, str]:
         sc = self.scenario
         extra = ["--test-hooks", *sc.extra_args] + (["--test-drop-writes"] if sc.drop_writes else [])
+        network = sc.network
+        if network == "auto":
+            network = "netns" if netns_available()[0] else "loopback"
         cluster = LocalCluster(self.root / "cluster", base_port=self.base_port, profile=sc.profile,
-                               extra_args=extra, converge_timeout_s=20.0, start_timeout_s=30.0)
+                               extra_args=extra, converge_timeout_s=20.0, start_timeout_s=30.0, network=network)
+        self.say(f"network: {network}" + (" (a namespace per node; partitions are blackhole routes)"
+                                           if network == "netns" else " (127.0.0.1; partitions via the test hook)"))
         self.history.meta = {"scenario": sc.name, "seed": self.seed, "nodes": sc.nodes, "profile": sc.profile,
+                             "network": network,
                              "replication_factor": 3, "workload": _plain(sc.workload),
                              "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         try:

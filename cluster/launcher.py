@@ -1,4 +1,5 @@
-"""Local clusters of `kvstore node` subprocesses on 127.0.0.1, all state in one cluster dir.
+"""Local clusters of `kvstore node` subprocesses on 127.0.0.1 (or each in its own network
+namespace, network="netns", see cluster/netns.py), all state in one cluster dir.
 
 Belongs here: starting, stopping, killing, pausing and inspecting node processes, the
 `cluster.json` record, and the waits for readiness and convergence. Not here: faults other than
@@ -6,8 +7,8 @@ signals, workloads, histories and checkers (their own modules in cluster/).
 
 Layout of a cluster dir (paths are absolute, so any process can manage a cluster another started):
 
-    <dir>/cluster.json       format 1: settings and one record per node (name, node id, port,
-                             data dir, pid, profile, storage, extra args, state)
+    <dir>/cluster.json       format 1: settings and one record per node (name, node id, host,
+                             port, data dir, pid, profile, storage, extra args, state)
     <dir>/kms/               root.key and keyring with the cluster KEK every node seals under
                              (kvstore.kms.setup; absent with encryption="none")
     <dir>/<name>/data        the node's --data-dir (kept across restarts)
@@ -47,12 +48,14 @@ from typing import Any, Iterator, Sequence
 import grpc
 import msgpack
 
+from cluster.netns import Network
+from cluster.netns import available as netns_available
 from kvstore._proto import admin_pb2, admin_pb2_grpc
 from kvstore.kms.local import ROOT_KEY_ENV
 
 CLUSTER_FORMAT = 1
 CLUSTER_FILE = "cluster.json"
-HOST = "127.0.0.1"                 # local clusters never bind or dial anything else
+HOST = "127.0.0.1"  # loopback clusters bind nothing else; netns clusters use their own 10.x subnet
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 START_TIMEOUT_S = 40.0     # a joiner waits up to 30 s for a seed (kvstore/node/node.py) before it gives up
@@ -95,10 +98,11 @@ class NodeRecord:
     storage: str = "sqlite"
     extra_args: list[str] = field(default_factory=list)
     state: str = "stopped"
+    host: str = HOST
 
     @property
     def address(self) -> str:
-        return f"{HOST}:{self.port}"
+        return f"{self.host}:{self.port}"
 
 
 def status_of(address: str, timeout_s: float = STATUS_TIMEOUT_S) -> dict[str, Any]:
@@ -170,10 +174,13 @@ def _kill_entered_clusters() -> None:
     aside): the interpreter is going away, so their nodes would otherwise outlive it."""
     for cluster in list(_entered):
         cluster._kill_all()
+        if cluster.net is not None:
+            cluster.net.teardown()
 
 
 class LocalCluster:
-    """Node subprocesses on 127.0.0.1 ports base_port, base_port+1, ..., state under `root`.
+    """Node subprocesses on 127.0.0.1 ports base_port, base_port+1, ..., state under `root`
+    (with network="netns", node i listens on 10.a.b.(i+2) in its own namespace instead).
 
     `with LocalCluster(tmp_path, base_port=27000, profile="test") as c: c.up(3)` stops every
     node on exit, also when the body raises. `LocalCluster.open(root)` manages a cluster that
@@ -189,6 +196,7 @@ class LocalCluster:
         extra_args: Sequence[str] = (),
         *,
         encryption: str = "kms",
+        network: str = "loopback",
         start_timeout_s: float = START_TIMEOUT_S,
         converge_timeout_s: float = CONVERGE_TIMEOUT_S,
         stop_timeout_s: float = STOP_TIMEOUT_S,
@@ -198,6 +206,14 @@ class LocalCluster:
             raise ValueError(f"encryption: {encryption!r} is not kms (seal values under the cluster KEK) or none")
         if not 1024 <= base_port <= 65535:
             raise ValueError(f"base_port: {base_port} is not in 1024..65535")
+        if network not in ("loopback", "netns"):
+            raise ValueError(f"network: {network!r} is not loopback (127.0.0.1) or netns (a namespace per node)")
+        self.net: Network | None = None
+        if network == "netns":
+            ok, why = netns_available()
+            if not ok:
+                raise ClusterError(f"network: netns is not possible here: {why}")
+            self.net = Network(base_port)
         for arg in extra_args:
             if arg.split("=", 1)[0] in _OWN_FLAGS:
                 raise ValueError(f"extra_args: {arg} is set by the launcher (use its own parameter)")
@@ -207,6 +223,7 @@ class LocalCluster:
         self.storage = storage
         self.extra_args = list(extra_args)
         self.encryption = encryption
+        self.network = network
         self.start_timeout_s = start_timeout_s
         self.converge_timeout_s = converge_timeout_s
         self.stop_timeout_s = stop_timeout_s
@@ -224,7 +241,8 @@ class LocalCluster:
         if not path.exists():
             raise ClusterError(f"no cluster in {path.parent} (no {CLUSTER_FILE}): start one with up first")
         doc = cls._read(path)
-        settings = {k: doc[k] for k in ("base_port", "profile", "storage", "extra_args", "encryption") if k in doc}
+        settings = {k: doc[k] for k in ("base_port", "profile", "storage", "extra_args", "encryption", "network")
+                    if k in doc}
         return cls(root, **{**settings, **kwargs})
 
     # ---- cluster.json --------------------------------------------------------------------
@@ -279,7 +297,7 @@ class LocalCluster:
         self.root.mkdir(parents=True, exist_ok=True)
         doc = {"format": CLUSTER_FORMAT, "base_port": self.base_port, "profile": self.profile,
                "storage": self.storage, "extra_args": self.extra_args, "encryption": self.encryption,
-               "nodes": [asdict(n) for n in self.nodes]}
+               "network": self.network, "nodes": [asdict(n) for n in self.nodes]}
         tmp = self._path.with_suffix(".tmp")
         tmp.write_text(json.dumps(doc, indent=2) + "\n")
         os.replace(tmp, self._path)
@@ -375,14 +393,18 @@ class LocalCluster:
         return ["--encryption", "kms", *provision(self.root / "kms").node_args()]
 
     def _spawn(self, rec: NodeRecord, seeds: Sequence[str]) -> None:
-        if not port_is_free(rec.port):
+        prefix: list[str] = []
+        if self.net is not None:
+            self.net.ensure_node(rec.name, rec.host)
+            prefix = self.net.exec_prefix(rec.name)
+        elif not port_is_free(rec.port):
             raise ClusterError(f"{rec.name}: port {rec.port} on {HOST} is taken by another process: "
                                f"choose another base port, or stop whatever listens there")
         node_dir = self.root / rec.name
         node_dir.mkdir(parents=True, exist_ok=True)
         ready = node_dir / "ready"
         ready.unlink(missing_ok=True)
-        cmd = [self.python, "-m", "kvstore.cli.main", "node", "--node-id", rec.node_id,
+        cmd = [*prefix, self.python, "-m", "kvstore.cli.main", "node", "--node-id", rec.node_id,
                "--listen", rec.address, "--data-dir", rec.data_dir, "--profile", rec.profile,
                "--storage", rec.storage, "--ready-file", str(ready), *self._encryption_args()]
         if seeds:
@@ -502,6 +524,8 @@ class LocalCluster:
             finally:
                 self._kill_all()  # whatever happened above (even Ctrl-C), nothing outlives down()
                 self._reap()
+                if self.net is not None:
+                    self.net.teardown()
 
     def status(self) -> list[dict[str, Any]]:
         """Per node: name, node_id, pid, alive, paused, state, address, log and, when it answers,
@@ -580,7 +604,8 @@ class LocalCluster:
         if port > 65535:
             raise ClusterError(f"no port left above {self.base_port} for node n{index}")
         name = f"n{index}"
-        rec = NodeRecord(name=name, node_id=name, port=port, data_dir=str(self.root / name / "data"),
+        host = self.net.host_of(index - 1) if self.net is not None else HOST
+        rec = NodeRecord(name=name, node_id=name, host=host, port=port, data_dir=str(self.root / name / "data"),
                          log=str(self.root / name / "node.log"), profile=self.profile, storage=self.storage,
                          extra_args=list(self.extra_args))
         seeds = [r.address for r in self._running()]

@@ -4,10 +4,12 @@
 Belongs here: fault kinds, schedules (pure, from a random.Random) and applying and healing them.
 Faults: kill (SIGKILL, healed by a restart), pause (SIGSTOP past the failure detector, healed by
 SIGCONT), stop (SIGTERM, healed by a restart), restart (graceful, in place), add (a node joins),
-and partitions through the nodes' `test-block-peers` hook (nodes started with --test-hooks; a
-hook cuts a node's outbound links, so a symmetric cut tells both sides): isolate one node,
-cut a minority off, a bridge (two halves that both still see one node), and a one-way cut.
-Clients can still reach every node, as in Jepsen: only node-to-node traffic is cut.
+and partitions: isolate one node, cut a minority off, a bridge (two halves that both still see
+one node), and a one-way cut. A cut is outbound (a symmetric cut tells both sides). On a cluster
+with network="netns" a cut is a blackhole route in the sender's namespace (cluster/netns.py), so
+the kernel drops the traffic; on loopback clusters it goes through the nodes' `test-block-peers`
+hook (nodes started with --test-hooks). Clients can still reach every node, as in Jepsen: only
+node-to-node traffic is cut.
 
 One fault is active at a time; the same seed and node count give the same schedule.
 """
@@ -324,6 +326,16 @@ class Nemesis:
     async def block(self, cut: dict[str, set[str]]) -> None:
         """Cut exactly these outbound links (name -> names) and heal every other."""
         names = set(self.cluster.names())
+        net = self.cluster.net
+        if net is not None:  # routes live in the namespaces, across restarts of their nodes
+            for name in sorted(names):
+                hosts = [self.cluster.node(t).host for t in cut.get(name, set()) if t in names]
+                try:
+                    await trio.to_thread.run_sync(net.cut, name, hosts)
+                except Exception as exc:  # noqa: BLE001 - noted; the run goes on and the checker judges
+                    self._note(f"cut on {name}: {exc}")
+            self._blocked = {n for n in names if cut.get(n)}
+            return
         for name in sorted(names):
             targets = cut.get(name, set())
             if not targets and name not in self._blocked:
