@@ -177,13 +177,16 @@ async def test_stop_while_busy_drains_and_leaves_no_threads(nodes) -> None:
     ours = [t.name for t in threading.enumerate() if t.ident not in before and t.name.startswith("kvstore")]
     assert "kvstore-transport" in ours and any(n.startswith("kvstore-sqlite") for n in ours)
     results: list[object] = []
+    some_done = trio.Event()
 
     async def writer(i: int) -> None:
         async with nodes.client(node) as kv:
             for j in range(30):
                 try:
                     await kv.put(b"busy-%d-%d" % (i, j), b"v")
-                    results.append(True)
+                    results.append(b"busy-%d-%d" % (i, j))
+                    if len(results) >= 8:
+                        some_done.set()
                 except kvstore.KvError as exc:
                     results.append(exc)
                     return
@@ -191,10 +194,16 @@ async def test_stop_while_busy_drains_and_leaves_no_threads(nodes) -> None:
     async with trio.open_nursery() as nursery:
         for i in range(8):
             nursery.start_soon(writer, i)
-        await trio.sleep(0.05)
+        with trio.fail_after(30):
+            await some_done.wait()  # stop while writes are still coming (not after a fixed sleep)
         await nodes.stop(node)
-    assert results.count(True) > 0
     # our transport and storage threads are gone (grpc's own pollers are not ours to stop)
     leftover = [t.name for t in threading.enumerate()
                 if t.ident not in before and t.name.startswith("kvstore")]
     assert leftover == []
+    # every write acknowledged before or during the drain is on disk
+    acked = [k for k in results if isinstance(k, bytes)]
+    again = await nodes.start(node.node_id, seeds=(), storage="sqlite")
+    async with nodes.client(again) as kv:
+        got = await kv.get_many(acked)
+    assert [g.value for g in got] == [b"v"] * len(acked)
