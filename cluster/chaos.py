@@ -9,7 +9,9 @@ After the workload: heal everything, wait until the nodes agree and hints are re
 collect the final state, in three phases of raw records (each node's own record of every key,
 read with an internal replica read: no coordinator, no repair):
   settled       right after settling;
-  anti-entropy  after `repair` (Merkle anti-entropy) ran on every node in turn;
+  anti-entropy  after `repair` (Merkle anti-entropy) ran on every node in turn, and then
+                `purge-tombstones` (nodes run with tombstone_grace_s = 0, so every tombstone the
+                replicas agree on is garbage-collected: a delete must hold after GC);
   after-reads   after every key was read with R=ALL through every node as coordinator (read
                 repair); reads and raw reads repeat (bounded) until they agree.
 """
@@ -71,6 +73,7 @@ class Scenario:
     drop_writes: bool = False               # every node acks writes it never stores (proves the checker)
     extra_args: tuple[str, ...] = ()
     anti_entropy: bool = True               # run `repair` on every node before the final reads
+    purge_tombstones: bool = True           # then GC tombstones (grace 0): deleted keys must stay deleted
     network: str = "auto"                   # netns when this machine can (root), else loopback + hook
 
     def make_schedule(self, seed: int, names: list[str]) -> list[Step]:
@@ -130,6 +133,12 @@ class Run:
     async def go(self) -> tuple[CheckResult, History, str]:
         sc = self.scenario
         extra = ["--test-hooks", *sc.extra_args] + (["--test-drop-writes"] if sc.drop_writes else [])
+        if sc.purge_tombstones:
+            # no grace period, so the purge after the final repair may drop every agreed tombstone
+            # (nodes purge only on that explicit command: the periodic purge is hourly)
+            self.root.mkdir(parents=True, exist_ok=True)
+            (self.root / "node.toml").write_text("tombstone_grace_s = 0.0\n")
+            extra += ["--config", str(self.root / "node.toml")]
         network = sc.network
         if network == "auto":
             network = "netns" if netns_available()[0] else "loopback"
@@ -212,6 +221,8 @@ class Run:
         await self._raw(nodes, keys, primaries, SETTLED, final, names)
         if self.scenario.anti_entropy:
             await self._anti_entropy(nodes, final)
+            if self.scenario.purge_tombstones:
+                await self._purge(nodes, final)
             await self._raw(nodes, keys, primaries, ANTI_ENTROPY, final, names)
         for rnd in range(FINAL_ROUNDS):
             reads = await self._reads(nodes, keys, rnd, names)
@@ -239,6 +250,20 @@ class Run:
             if progress.get("state") != "done":
                 final.notes.append(f"repair on {name} incomplete: {progress}")
             log.info("repair on %s: %s in %.1f s", name, progress, trio.current_time() - t)
+
+    async def _purge(self, nodes: list[tuple[str, str, str]], final: FinalState) -> None:
+        """`purge-tombstones` on every node: tombstones every replica agrees on, written before
+        the repair that just completed, go; the final reads then show whether a delete held."""
+        total = 0
+        for name, _, address in nodes:
+            try:
+                raw = await trio.to_thread.run_sync(admin_command, address, "purge-tombstones", {},
+                                                    ANTI_ENTROPY_TIMEOUT_S)
+                total += int(msgpack.unpackb(raw, raw=False).get("purged", 0))
+            except grpc.RpcError as exc:
+                final.notes.append(f"purge-tombstones on {name} failed: {exc.code().name}: {exc.details()}")
+        self.history.meta["tombstones_purged"] = total
+        self.say(f"  tombstone GC after repair: {total} purged")
 
     async def _reads(self, nodes: list[tuple[str, str, str]], keys: list[bytes], rnd: int,
                      names: dict[tuple[str, int], bytes]) -> list[FinalRead]:

@@ -425,6 +425,8 @@ def format_report(result: CheckResult, history: History | None = None, max_items
     if s["converged"]:
         line += "; primary replicas identical: " + ", ".join(
             f"{good}/{total} {phase}" for phase, (good, total) in s["converged"].items())
+    if "tombstones_purged" in meta:
+        line += f"; tombstones purged after the repair (then read): {meta['tombstones_purged']}"
     lines.append(line)
     lines.append("availability (ops invoked while the fault was active that succeeded):")
     lines.append(f"  {'window':<30} {'from':>7} {'to':>7} {'ops':>6} {'ok':>6} {'via others':>10} {'back':>6}  healing took")
