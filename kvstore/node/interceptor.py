@@ -1,6 +1,6 @@
 """The gRPC server interceptor: per unary RPC, one request id (from `x-request-id` metadata, or
 generated) set for the call's logs and returned in the trailing metadata, and one metrics update
-(status code, latency, item outcomes) when it ends. Runs on the transport loop."""
+(status code, latency) when it ends. Runs on the transport loop."""
 from __future__ import annotations
 
 import asyncio
@@ -50,7 +50,7 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
 
         async def observed(request: Any, context: grpc.aio.ServicerContext) -> Any:
             start = time.perf_counter()
-            response, code = None, grpc.StatusCode.OK
+            code = grpc.StatusCode.OK
             try:
                 rid = None
                 for key, value in context.invocation_metadata() or ():
@@ -61,8 +61,7 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
                 logs.request_id.set(rid)
                 logs.node_id.set(node_id())
                 context.set_trailing_metadata(((logs.REQUEST_ID_HEADER, rid),))
-                response = await inner(request, context)
-                return response
+                return await inner(request, context)
             except KvError as exc:  # a bad x-request-id: costs this request only
                 code = code_of(exc)
                 await context.abort(code, message_of(exc))
@@ -76,7 +75,7 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
                 code = grpc.StatusCode.UNKNOWN
                 raise
             finally:
-                record(code, time.perf_counter() - start, response)
+                record(code, time.perf_counter() - start)
 
         return grpc.unary_unary_rpc_method_handler(
             observed,

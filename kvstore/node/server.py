@@ -40,6 +40,9 @@ class _Base:
             await context.abort(code_of(exc), message_of(exc))
 
 
+_OPS = {None: "get", False: "put", True: "delete"}  # is_delete -> op label of kvstore_items_total
+
+
 class KVServicer(_Base, kv_pb2_grpc.KVServicer):
     async def _single(self, context: Any, request: Any, batch: Callable, is_delete: bool | None) -> Any:
         forwarded, timeout = _forwarded(context), context.time_remaining()
@@ -49,6 +52,7 @@ class KVServicer(_Base, kv_pb2_grpc.KVServicer):
                 results, statuses = await self.node.api.get_batch([request], forwarded, timeout)
             else:
                 results, statuses = await self.node.api.write_batch([request], is_delete, forwarded, timeout)
+            self.node.metrics.count_items(_OPS[is_delete], statuses)
             raise_item(statuses[0])
             return results[0]
 
@@ -71,6 +75,7 @@ class KVServicer(_Base, kv_pb2_grpc.KVServicer):
                 results, statuses = await self.node.api.get_batch(list(request.items), forwarded, timeout)
             else:
                 results, statuses = await self.node.api.write_batch(list(request.items), is_delete, forwarded, timeout)
+            self.node.metrics.count_items(_OPS[is_delete], statuses)
             return response_cls(results=results, statuses=statuses)
 
         return await self._run(context, run)
