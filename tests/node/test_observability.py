@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import socket
 import urllib.request
 from typing import Any, Callable
 
@@ -256,3 +257,67 @@ async def test_a_malformed_request_id_is_refused_naming_the_header_and_limit(nod
         await in_thread(node.address, _put_with_metadata(b"", (("x-request-id", "ok-2"),)))
     assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert dict(failed.value.trailing_metadata())["x-request-id"] == "ok-2"
+
+
+# ---- joins, re-wrap and data keys ------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scrape_at(address: str) -> dict:
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+async def test_a_joining_node_is_not_serving_and_shows_its_stream_progress(nodes: Nodes) -> None:
+    cluster = await nodes.cluster(3)
+    async with nodes.client(*cluster) as kv:
+        await kv.put_many([(b"j-%04d" % i, b"x" * 1024) for i in range(100)])
+    listen, metrics_at = f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}"
+    # slow enough (a few hundred KiB at 64 KiB/s: seconds) for the join to be watched while it streams
+    joining = dict(listen=listen, metrics_listen=metrics_at, stream_rate_bytes_per_s=64 * 1024)
+    seen_health, seen_running = [], []
+
+    async def watch() -> None:
+        while True:
+            try:
+                seen_health.append((await in_thread(listen, _check(""))).status)
+                m = await trio.to_thread.run_sync(scrape_at, metrics_at)
+                seen_running.append(sample(m, "kvstore_stream_running", op="join"))
+            except (grpc.RpcError, OSError):
+                pass  # not listening yet
+            await trio.sleep(0.05)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch)
+        joiner = await nodes.start("n4", **joining)
+        nursery.cancel_scope.cancel()
+    not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+    assert not_serving in seen_health, "health never said NOT_SERVING while the node joined"
+    assert 1 in seen_running, "the stream never showed as running"
+    m = await trio.to_thread.run_sync(scrape_at, metrics_at)
+    assert sample(m, "kvstore_stream_running", op="join") == 0
+    streamed = sample(m, "kvstore_stream_keys", op="join", state="done")
+    # records come from each range's current replicas, so a key may arrive more than once
+    assert streamed == joiner.elastic.progress["keys"] and 0 < streamed <= 3 * 100
+    assert sample(m, "kvstore_stream_bytes", op="join", state="done") > 1024 * streamed
+    assert (await in_thread(listen, _check(""))).status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_dek_rotations_and_rewrap_progress_are_exposed(nodes: Nodes) -> None:
+    node = await nodes.start("k1", **METRICS)
+    async with nodes.client(node) as kv:
+        await kv.put_many([(b"w-%d" % i, b"v") for i in range(20)])
+        before = sample(await scrape(node), "kvstore_dek_rotations_total")
+        node.keys.sealer.clear_cache()  # the next seal must take a fresh data key
+        await kv.put(b"w-after", b"v")
+    assert sample(await scrape(node), "kvstore_dek_rotations_total") == before + 1
+    await node.rewrap()
+    m = await scrape(node)
+    assert sample(m, "kvstore_rewrap_running") == 0
+    assert sample(m, "kvstore_rewrap_records", stage="scanned") == 21
