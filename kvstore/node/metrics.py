@@ -81,8 +81,8 @@ class Metrics:
         ok = statuses.count(OK)
         if ok:
             self._item_counter(op, "OK").inc(ok)
-        if ok < len(statuses):  # failures, or successes forwarded from another node
-            for number, count in Tally(s.code for s in statuses if s is not OK).items():
+        if ok < len(statuses):  # failures (list.count already took equal copies of OK)
+            for number, count in Tally(s.code for s in statuses if s is not OK and s != OK).items():
                 self._item_counter(op, _CODE_NAMES.get(number, "UNKNOWN")).inc(count)
 
     def _item_counter(self, op: str, code_name: str) -> Any:
