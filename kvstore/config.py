@@ -47,6 +47,12 @@ class NodeConfig:
     anti_entropy_interval_s: float = 3600.0  # Merkle repair with every other replica, hourly
     stream_rate_bytes_per_s: float = 50e6  # join/decommission/removenode streams: leave room for requests
     rewrap_rate_per_s: float = 5000.0    # re-wrap job: records per second, so it never starves requests
+    metrics_listen: str = "auto"         # Prometheus /metrics over HTTP: "auto" = 127.0.0.1 at the gRPC
+                                         # listen port + 1000 (loopback: counts and addresses are not for
+                                         # the world), "off", or an explicit host:port
+    log_format: str = "text"             # "text", or "json": one object per line for log shippers
+    drain_notice_s: float = 1.0          # on stop: health answers NOT_SERVING this long before the port
+                                         # closes, so checkers polling every second take the node out first
     test_hooks: bool = False             # enables fault-injection admin calls; never in production
     test_drop_writes: bool = False       # a deliberately broken node: acks writes it never stores
                                          # (proves the chaos checker catches lost writes)
@@ -83,9 +89,16 @@ class NodeConfig:
         need(self.anti_entropy_interval_s > 0, "anti_entropy_interval_s: must be > 0")
         need(self.stream_rate_bytes_per_s > 0, "stream_rate_bytes_per_s: must be > 0")
         need(self.tombstone_purge_interval_s > 0, "tombstone_purge_interval_s: must be > 0")
-        for name, addr in [("listen", self.listen)] + [("seeds", s) for s in self.seeds]:
+        need(self.log_format in ("text", "json"), f"log_format: {self.log_format!r} is not text or json")
+        need(self.drain_notice_s >= 0, "drain_notice_s: must be >= 0")
+        metrics_addrs = [] if self.metrics_listen in ("auto", "off") else [("metrics_listen", self.metrics_listen)]
+        for name, addr in [("listen", self.listen)] + [("seeds", s) for s in self.seeds] + metrics_addrs:
             host, sep, port = addr.rpartition(":")
             need(bool(sep and host and port.isdigit()), f"{name}: {addr!r} is not host:port")
+        listen_port = int(self.listen.rpartition(":")[2])
+        need(self.metrics_listen != "auto" or listen_port + 1000 <= 65535,
+             f"metrics_listen: auto would use port {listen_port + 1000} (listen port + 1000), above 65535: "
+             "give a host:port or off")
         self.limits.validate()
         return self
 
@@ -96,7 +109,8 @@ BASE = NodeConfig()
 PROFILES: dict[str, dict[str, Any]] = {
     "lan": {},
     # a laptop cluster: react to kills within seconds, replay hints quickly
-    "local": {"gossip_interval_s": 0.2, "hint_replay_interval_s": 0.2, "fsync": "batch", "kms_check_interval_s": 2.0},
+    "local": {"gossip_interval_s": 0.2, "hint_replay_interval_s": 0.2, "fsync": "batch", "kms_check_interval_s": 2.0,
+              "drain_notice_s": 0.2},
     # tests: fast everything, and nothing waits long for a dead peer
     "test": {
         "gossip_interval_s": 0.1,
@@ -107,6 +121,9 @@ PROFILES: dict[str, dict[str, Any]] = {
         "fsync": "never",
         "shutdown_grace_s": 2.0,
         "kms_check_interval_s": 0.2,
+        # many nodes per process and per machine: a test that wants metrics asks for them
+        "metrics_listen": "off",
+        "drain_notice_s": 0.0,
     },
 }
 

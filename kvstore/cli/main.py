@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--test-hooks", action="store_true", default=None, help=argparse.SUPPRESS)
     node.add_argument("--test-drop-writes", action="store_true", default=None, help=argparse.SUPPRESS)
     node.add_argument("--log-level", default="INFO")
+    node.add_argument("--log-format", choices=["text", "json"], help="json: one object per line (default text)")
+    node.add_argument("--metrics-listen",
+                      help="Prometheus metrics: host:port, off, or auto (127.0.0.1 at listen port + 1000)")
     node.add_argument("--ready-file", type=Path, help="write the advertised address here once serving")
 
     put = sub.add_parser("put", help="store a value")
@@ -253,7 +256,8 @@ def run_node(args: argparse.Namespace) -> int:
     from kvstore.config import load
     from kvstore.node.node import serve
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from kvstore.node import logs
+
     overrides = {
         "data_dir": args.data_dir, "listen": args.listen, "advertise": args.advertise, "node_id": args.node_id,
         "zone": args.zone, "seeds": args.seeds, "storage": args.storage, "fsync": args.fsync,
@@ -261,9 +265,11 @@ def run_node(args: argparse.Namespace) -> int:
         "test_drop_writes": args.test_drop_writes,
         "encryption": args.encryption, "kms_keyring": args.kms_keyring,
         "kms_root_key_file": args.kms_root_key_file, "kms_key": args.kms_key,
+        "log_format": args.log_format, "metrics_listen": args.metrics_listen,
     }
     try:
         config = load(args.config, args.profile, **overrides)
+        logs.configure(args.log_level, config.log_format)
     except (ValueError, OSError) as exc:
         print(f"kvstore node: {exc}", file=sys.stderr)
         return 2

@@ -161,6 +161,9 @@ class Coordinator:
 
         if self_hints:
             await view.store.merge_many([(k, sibs) for _, k, sibs in self_hints], [t for t, _, _ in self_hints])
+        if log.isEnabledFor(logging.DEBUG):  # request tracing: these lines carry the request id
+            log.debug("write of %d keys: replicas %s, %d hints kept here",
+                      len(reqs), ",".join(f"{p}:{len(it)}" for p, it in plans.items()) or "-", len(self_hints))
         for peer_id, items in plans.items():
             view.background.start_soon(self._deliver, ring, peer_id, items, reqs, on_result)
         settle()
@@ -168,6 +171,8 @@ class Coordinator:
             await all_done.wait()
         for i, p in enumerate(pendings):
             if p is not None and p.acks < p.needed:
+                log.debug("write of key %d/%d: %d of %d acknowledgements by the deadline",
+                          i + 1, len(reqs), p.acks, p.needed)
                 results[i] = Unavailable(
                     f"w: got {p.acks} of {p.needed} acknowledgements needed "
                     f"(acked by {', '.join(p.acked_by)})"
@@ -253,6 +258,9 @@ class Coordinator:
             spares_left[i] = max(len(live) - cut, 0)
         errors: list[KvError | None] = [None] * len(reqs)
         all_done = trio.Event()
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("read of %d keys: %d here, replicas %s", len(reqs), len(local_items),
+                      ",".join(f"{p}:{len(it)}" for p, it in first.items()) or "-")
 
         def settle() -> None:
             if all(len(replies[i]) >= needed[i] or (outstanding[i] <= 0 and spares_left[i] <= 0)

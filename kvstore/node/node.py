@@ -32,9 +32,12 @@ from kvstore.node.bridge import Transport, open_transport
 from kvstore.node.coordinator import Coordinator
 from kvstore.node.elastic import Elastic
 from kvstore.node.repair import Repair
+from kvstore.node import logs
 from kvstore.node.gossip import Gossip
+from kvstore.node.health import Health
 from kvstore.node.keys import Keys
 from kvstore.node.local import LocalStore
+from kvstore.node.metrics import Metrics, MetricsServer, metrics_address
 from kvstore.node.peers import Peer, channel_options
 from kvstore.node.server import make_server
 from kvstore.node.status import code_of, message_of, number_of
@@ -138,6 +141,9 @@ class Node:
         self.stopped = trio.Event()
         self._server: Any = None
         self.rng = random.Random(secrets.randbits(64))
+        self.health = Health()
+        self.metrics = Metrics(self)
+        self.metrics_server = MetricsServer(self.metrics.registry)
 
     # ---- the ClusterView the coordinator needs -----------------------------------------
 
@@ -179,6 +185,7 @@ class Node:
 
         async def start() -> tuple[Any, int]:
             server = make_server(node, channel_options(limit))
+            await node.health.set(False)  # until the node is ready
             port = server.add_insecure_port(listen)
             if port == 0:
                 raise OSError(f"cannot listen on {listen}")
@@ -233,9 +240,18 @@ class Node:
         save_identity(self.config.data_dir, self.ident)
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await self._run(task_status)
+        finally:
+            await self.metrics_server.aclose()
+
+    async def _run(self, task_status: Any) -> None:
         async with trio.open_nursery() as nursery:
             self.background = nursery
             self.address = await self._start_server()
+            metrics_at = metrics_address(self.config.metrics_listen, self.config.listen)
+            if metrics_at is not None:
+                self.metrics_server.start(metrics_at)
             me = NodeState(self.node_id, self.address, self.now_ms(), 0, Status.JOINING, (), self.config.zone, {})
             self.gossip = Gossip(me, self.config.seeds, self.config.gossip_interval_s,
                                  self._gossip_call, self.rng, self.config.phi_threshold)
@@ -253,6 +269,7 @@ class Node:
                 await self.elastic.wait_seen(Status.JOINING)
                 await self.elastic.bootstrap()
             self.gossip.set_status(Status.NORMAL)
+            await self.transport.run(self.health.set, True)
             log.info("node %s serving on %s (%d tokens)", self.node_id, self.address, len(self.gossip.me.tokens))
             task_status.started(self)
             await self.stopping.wait()
@@ -279,6 +296,9 @@ class Node:
     async def _drain(self) -> None:
         server, grace = self._server, self.config.shutdown_grace_s
         if server is not None:
+            with trio.move_on_after(1):
+                await self.transport.run(self.health.set, False)
+            await trio.sleep(self.config.drain_notice_s)  # health checkers take the node out first
             async def stop() -> None:
                 await server.stop(grace)
 
@@ -653,9 +673,10 @@ class Node:
         peer = self.peer(target)
         stub = await peer.stub("kv")
         timeout = max(deadline - trio.current_time(), 0.001)
+        metadata = ((FORWARDED_HEADER, "1"), *logs.request_metadata())  # read here: call() runs on asyncio
 
         async def call() -> Any:
-            return await getattr(stub, method)(request, timeout=timeout, metadata=((FORWARDED_HEADER, "1"),))
+            return await getattr(stub, method)(request, timeout=timeout, metadata=metadata)
 
         try:
             return await self.transport.run(call)
@@ -703,6 +724,7 @@ class Node:
             "stream": {k: v for k, v in self.elastic.progress.items() if k != "started"},
             "repair": dict(self.repairer.progress),
             "repaired_at_ms": self.ident.get("repaired_at_ms", 0),
+            "metrics": self.metrics_server.address,
         }
 
     async def status_response(self) -> admin_pb2.StatusResponse:
@@ -734,6 +756,8 @@ class Node:
 async def serve(config: NodeConfig, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     """Run a node until request_stop() (or cancellation); everything is closed on return."""
     ident = load_identity(config.data_dir, config.node_id)
+    logs.node_id.set(ident["node_id"])  # every task of this node logs as it
+    logs.set_process_node(ident["node_id"])
     keys = Keys.load(config)
     lock = lock_data_dir(config.data_dir)
     node: Node | None = None

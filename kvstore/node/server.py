@@ -10,7 +10,9 @@ import grpc
 
 from kvstore._proto import admin_pb2, admin_pb2_grpc, internal_pb2, internal_pb2_grpc, kv_pb2, kv_pb2_grpc
 from kvstore.errors import KvError
+from kvstore.node import logs
 from kvstore.node.api import FORWARDED_HEADER, raise_item
+from kvstore.node.interceptor import ObservingInterceptor
 from kvstore.node.status import code_of, message_of
 
 log = logging.getLogger(__name__)
@@ -26,7 +28,7 @@ class _Base:
 
     async def _run(self, context: grpc.aio.ServicerContext, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
         try:
-            return await self.node.transport.to_trio(fn, *args)
+            return await self.node.transport.to_trio(logs.carry(fn, self.node.node_id), *args)
         except KvError as exc:
             await context.abort(code_of(exc), message_of(exc))
         except asyncio.CancelledError:
@@ -38,6 +40,9 @@ class _Base:
             await context.abort(code_of(exc), message_of(exc))
 
 
+_OPS = {None: "get", False: "put", True: "delete"}  # is_delete -> op label of kvstore_items_total
+
+
 class KVServicer(_Base, kv_pb2_grpc.KVServicer):
     async def _single(self, context: Any, request: Any, batch: Callable, is_delete: bool | None) -> Any:
         forwarded, timeout = _forwarded(context), context.time_remaining()
@@ -47,6 +52,7 @@ class KVServicer(_Base, kv_pb2_grpc.KVServicer):
                 results, statuses = await self.node.api.get_batch([request], forwarded, timeout)
             else:
                 results, statuses = await self.node.api.write_batch([request], is_delete, forwarded, timeout)
+            self.node.metrics.count_items(_OPS[is_delete], statuses)
             raise_item(statuses[0])
             return results[0]
 
@@ -69,6 +75,7 @@ class KVServicer(_Base, kv_pb2_grpc.KVServicer):
                 results, statuses = await self.node.api.get_batch(list(request.items), forwarded, timeout)
             else:
                 results, statuses = await self.node.api.write_batch(list(request.items), is_delete, forwarded, timeout)
+            self.node.metrics.count_items(_OPS[is_delete], statuses)
             return response_cls(results=results, statuses=statuses)
 
         return await self._run(context, run)
@@ -94,7 +101,8 @@ class InternalServicer(_Base, internal_pb2_grpc.InternalServicer):
 
         async def handle(payload: bytes) -> None:
             try:
-                reply = await self.node.transport.to_trio(self.node.handle_batch, payload)
+                reply = await self.node.transport.to_trio(logs.carry(self.node.handle_batch, self.node.node_id),
+                                                          payload)
             except KvError as exc:  # undecodable batch: nothing to answer by id
                 log.warning("dropped a replica batch: %s", exc)
                 return
@@ -134,10 +142,13 @@ class AdminServicer(_Base, admin_pb2_grpc.AdminServicer):
 
 
 def make_server(node: Any, options: list[tuple[str, Any]]) -> grpc.aio.Server:
-    """Build (not start) the gRPC server with every service; call on the transport loop."""
+    """Build (not start) the gRPC server with every service, health and reflection included;
+    call on the transport loop."""
     # so_reuseport off: two nodes must never silently share a port (grpc enables it by default)
-    server = grpc.aio.server(options=[*options, ("grpc.so_reuseport", 0)])
+    server = grpc.aio.server(options=[*options, ("grpc.so_reuseport", 0)],
+                             interceptors=[ObservingInterceptor(node.metrics, lambda: node.node_id)])
     kv_pb2_grpc.add_KVServicer_to_server(KVServicer(node), server)
     internal_pb2_grpc.add_InternalServicer_to_server(InternalServicer(node), server)
     admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(node), server)
+    node.health.register(server)
     return server
