@@ -32,13 +32,21 @@ Recorder = Callable[[grpc.StatusCode, float], None]
 
 
 def metrics_address(setting: str, grpc_listen: str) -> str | None:
-    """Where to serve metrics for a `metrics_listen` setting: None when "off"; for "auto"
-    127.0.0.1 at the gRPC listen port + 1000 (any free port when the gRPC port is 0)."""
+    """Where to serve metrics for a `metrics_listen` setting: None when "off"; for "auto" the
+    gRPC listen port + 1000 (any free port when the gRPC port is 0), on the gRPC listen host when
+    that is one address (a node in its own network namespace is reachable only there), else on
+    127.0.0.1 (a node listening on every interface does not publish its metrics too)."""
     if setting == "off":
         return None
     if setting == "auto":
-        port = int(grpc_listen.rpartition(":")[2])
-        return f"127.0.0.1:{port + AUTO_PORT_OFFSET if port else 0}"
+        host, _, port_text = grpc_listen.rpartition(":")
+        port = int(port_text)
+        host = host.strip("[]")
+        if host in ("", "0.0.0.0", "::", "*", "localhost"):
+            host = "127.0.0.1"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"{host}:{port + AUTO_PORT_OFFSET if port else 0}"
     return setting
 
 

@@ -7,8 +7,10 @@ from kvstore.config import profile
 from kvstore.node.metrics import metrics_address
 
 
-def test_auto_serves_on_loopback_at_the_grpc_port_plus_1000() -> None:
+def test_auto_serves_at_the_grpc_port_plus_1000_on_loopback_or_the_listen_address() -> None:
     assert metrics_address("auto", "0.0.0.0:7000") == "127.0.0.1:8000"
+    assert metrics_address("auto", "[::]:7000") == "127.0.0.1:8000"
+    assert metrics_address("auto", "10.1.2.3:7000") == "10.1.2.3:8000"  # e.g. a node in its own netns
     assert metrics_address("auto", "127.0.0.1:0") == "127.0.0.1:0"  # any free port, like gRPC
     assert metrics_address("off", "127.0.0.1:7000") is None
     assert metrics_address("10.0.0.5:9100", "127.0.0.1:7000") == "10.0.0.5:9100"
