@@ -1,4 +1,4 @@
-"""Operator commands that change the cluster: decommission, removenode, cleanup, repair.
+"""Operator commands that change the cluster: decommission, abort-join, removenode, cleanup, repair.
 Destructive ones ask for confirmation (or --yes); long ones show a progress bar while waiting."""
 from __future__ import annotations
 
@@ -17,6 +17,9 @@ def add_parsers(sub: Any, add_client_args: Callable[[argparse.ArgumentParser], N
     dec = sub.add_parser("decommission", help="stream the contacted node's data away, then remove it")
     dec.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     add_client_args(dec)
+    abort = sub.add_parser("abort-join", help="roll back the contacted node's join: it stops streaming, leaves and stops")
+    abort.add_argument("--yes", action="store_true")
+    add_client_args(abort)
     rem = sub.add_parser("removenode", help="remove a dead node; survivors re-replicate its ranges")
     rem.add_argument("node_id")
     rem.add_argument("--yes", action="store_true")
@@ -81,6 +84,10 @@ def run(args: argparse.Namespace) -> int:
             if not _confirm(args, f"decommission the node at {address} (it streams its data away and leaves)?"):
                 return 2
             name, params = "decommission", {}
+        elif args.command == "abort-join":
+            if not _confirm(args, f"abort the join of the node at {address} (it leaves and stops)?"):
+                return 2
+            name, params = "abort-join", {}
         elif args.command == "removenode":
             if not _confirm(args, f"remove node {args.node_id} for good (its id can never rejoin)?"):
                 return 2
@@ -104,6 +111,10 @@ def run(args: argparse.Namespace) -> int:
 def _text(name: str, report: dict[str, Any]) -> str:
     if name == "decommission":
         return f"decommissioned: streamed {report.get('streamed', 0)} records; the node has left"
+    if name == "abort-join":
+        if not report.get("aborted"):
+            return f"abort-join requested; the node had not left yet: {json.dumps(report, default=str)}"
+        return f"join aborted after {report.get('keys', 0)} streamed records; the node has left and stopped"
     if name == "removenode":
         total = sum(v for v in report.get("streamed", {}).values() if isinstance(v, int))
         return f"removed {report['removed']}: survivors re-replicated {total} records"

@@ -3,8 +3,10 @@ dead node, cleanup, and the pending replicas that writes must also reach while r
 
 Data moves as sealed records (never decrypted), in pages, rate-limited, with progress (keys,
 bytes, ETA) in the node's status. A join records its cursor per source in the node's identity
-file, so an interrupted join resumes where it stopped. Decommission is all or nothing: if any
-stream fails, the node goes back to NORMAL and keeps serving.
+file, so an interrupted join resumes where it stopped, and an operator can abort a join
+(`abort-join`: the node goes JOINING -> LEFT, forgets its tokens and stops; started again it joins
+afresh). Decommission is all or nothing: if any stream fails, the node goes back to NORMAL and
+keeps serving.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ log = logging.getLogger(__name__)
 
 PAGE_ROWS = 500          # rows a source scans per stream call: bounded work per request
 PUSH_BATCH = 256         # records per replica batch when pushing
+ABORT_WAIT_S = 10.0      # abort-join: how long to wait for the cluster to see this node leave
 Ranges = list[tuple[int, int]]
 
 
@@ -66,6 +69,8 @@ class Elastic:
         self.node = node
         self.progress: dict[str, Any] = {}
         self._future: tuple[int, Ring] | None = None
+        self.join_scope = trio.CancelScope()   # around the join's streaming; abort-join cancels it
+        self.join_aborted = trio.Event()
 
     # ---- rings -------------------------------------------------------------------------
 
@@ -237,6 +242,39 @@ class Elastic:
             await self._account(len(rows), nbytes)
         self._finish("done")
         return sent
+
+    # ---- aborting a join ------------------------------------------------------------------------
+
+    async def abort_join(self) -> dict[str, Any]:
+        """Operator command on a joining node: stop streaming, leave, stop (Scylla #5898)."""
+        node = self.node
+        if node.gossip.me.status != Status.JOINING or self.join_scope.cancel_called:
+            raise InvalidArgument(f"abort-join: node is {node.gossip.me.status.value}, not joining")
+        self.join_scope.cancel()
+        with trio.move_on_after(ABORT_WAIT_S):
+            await self.join_aborted.wait()
+        return {"aborted": self.join_aborted.is_set(), **self.progress}
+
+    async def finish_abort(self) -> None:
+        """After the join's scope was cancelled: LEFT (the others drop it as a pending replica;
+        writes never counted on it alone, see coordinator), identity reset, stop."""
+        node = self.node
+        if self.progress.get("op") != "join":  # aborted before streaming began
+            self._start("join")
+        self._finish("aborted", "join aborted by an operator")
+        node.gossip.set_status(Status.LEFT)
+        try:
+            await self.wait_seen(Status.LEFT, timeout_s=ABORT_WAIT_S)
+        except trio.TooSlowError:
+            log.warning("abort-join: not every member saw this node leave within %.0f s; gossip "
+                        "carries it on", ABORT_WAIT_S)
+        node.ident["tokens"] = []
+        node.ident.pop("bootstrap", None)
+        node.save_identity()
+        log.warning("join aborted: this node left (its partly streamed data stays on disk; wipe the "
+                    "data dir or run cleanup after a later join); stopping")
+        self.join_aborted.set()
+        node.request_stop()
 
     async def decommission(self) -> dict[str, Any]:
         node = self.node

@@ -266,12 +266,17 @@ class Node:
             nursery.start_soon(self.keys.watch, self.config.kms_check_interval_s)
             if must_bootstrap:  # joining a cluster that may hold data: stream our ranges first
                 log.info("joining: waiting for the cluster to see this node, then streaming its ranges")
-                await self.elastic.wait_seen(Status.JOINING)
-                await self.elastic.bootstrap()
-            self.gossip.set_status(Status.NORMAL)
-            await self.transport.run(self.health.set, True)
-            log.info("node %s serving on %s (%d tokens)", self.node_id, self.address, len(self.gossip.me.tokens))
-            task_status.started(self)
+                with self.elastic.join_scope:  # an operator's abort-join cancels it
+                    await self.elastic.wait_seen(Status.JOINING)
+                    await self.elastic.bootstrap()
+            if self.elastic.join_scope.cancelled_caught:
+                await self.elastic.finish_abort()  # LEFT, identity reset; then stop like a decommission
+                task_status.started(self)
+            else:
+                self.gossip.set_status(Status.NORMAL)
+                await self.transport.run(self.health.set, True)
+                log.info("node %s serving on %s (%d tokens)", self.node_id, self.address, len(self.gossip.me.tokens))
+                task_status.started(self)
             await self.stopping.wait()
             await self._drain()
             nursery.cancel_scope.cancel()
@@ -647,6 +652,8 @@ class Node:
             return wire.packb({"blocked": sorted(a for a, p in self.peers.items() if p.blocked)})
         if name == "decommission":
             return wire.packb(await self.elastic.decommission())
+        if name == "abort-join":
+            return wire.packb(await self.elastic.abort_join())
         if name == "removenode":
             node_id = params.get("node_id")
             if not isinstance(node_id, str):
@@ -665,7 +672,7 @@ class Node:
             return wire.packb({"purged": await self.purge_tombstones()})
         if name == "replay-hints":
             return wire.packb({"replayed": await self.replay_hints()})
-        raise InvalidArgument(f"command: unknown command {name[:32]!r} (rewrap, kms-reload, decommission, removenode, cleanup, repair, purge-tombstones, replay-hints)")
+        raise InvalidArgument(f"command: unknown command {name[:32]!r} (rewrap, kms-reload, decommission, abort-join, removenode, cleanup, repair, purge-tombstones, replay-hints)")
 
     # ---- public and admin responses ------------------------------------------------------
 

@@ -3,6 +3,7 @@ re-home data, and afterwards every key sits on exactly the N nodes the ring name
 from __future__ import annotations
 
 import msgpack
+import pytest
 import trio
 
 from kvstore.errors import KvError
@@ -182,3 +183,64 @@ async def test_an_interrupted_join_resumes_from_its_saved_cursors(nodes) -> None
         for node in cluster:
             await kv.command("cleanup", {}, address=node.address)
     assert await placement_errors(cluster, list(data)) == []
+
+
+async def test_a_join_can_be_aborted_and_the_node_joins_afresh_later(nodes) -> None:
+    import json
+
+    cluster = await nodes.cluster(3)
+    async with nodes.client(*cluster) as kv:
+        data = {b"a-%05d" % i: b"v" * 512 for i in range(3000)}
+        await kv.put_many(list(data.items()), w="all")
+        seeds = tuple(n.address for n in cluster)
+        config = nodes.config("n4", seeds=seeds, storage="sqlite", stream_rate_bytes_per_s=200_000.0)
+        from kvstore.node.node import Node, serve
+
+        joiner: list[Node] = []
+        async with trio.open_nursery() as nursery:
+            async def run_joiner() -> None:
+                await serve(config, task_status=trio.TASK_STATUS_IGNORED)
+
+            nursery.start_soon(run_joiner)
+            # the joiner is streaming (slowly) once the others see it JOINING
+            await eventually(lambda: _sees_status(cluster, "n4", "joining"), what="n4 seen joining")
+            # writes while it joins go to it as a pending replica, on top of the quorum
+            acked = {}
+            for k, r in zip([b"during-%d" % i for i in range(50)],
+                            await kv.put_many([(b"during-%d" % i, b"d") for i in range(50)])):
+                if isinstance(r, bytes):
+                    acked[k] = b"d"
+            assert len(acked) == 50
+            address = next(m["address"] for m in (await kv.status(cluster[0].address))["members"]
+                           if m["node_id"] == "n4")
+            report = msgpack.unpackb(await kv.command("abort-join", {}, address=address, timeout_s=30))
+            assert report["aborted"] is True and report["state"] == "aborted"
+            with trio.fail_after(20):  # serve() returns: the node stopped by itself
+                while nursery.child_tasks:
+                    await trio.sleep(0.05)
+        await eventually(lambda: _sees_status(cluster, "n4", "left"), what="n4 seen left")
+        assert all(len(n.ring()) == 3 for n in cluster)
+        ident = json.loads((config.data_dir / "node.json").read_text())
+        assert ident["tokens"] == [] and "bootstrap" not in ident
+        assert await all_acked_readable(kv, {**data, **acked}) == []
+        with pytest.raises(KvError):  # a joining node refuses a second abort; a normal one too
+            await kv.command("abort-join", {}, address=cluster[0].address)
+
+    # started again on the same data dir, it joins afresh (new tokens, full stream) and serves
+    again = await nodes.start("n4", seeds=seeds, storage="sqlite")
+    assert again.elastic.progress["state"] == "done" and again.gossip.me.status.value == "normal"
+    cluster.append(again)
+    await nodes.converged(cluster)
+    async with nodes.client(*cluster) as kv:
+        for node in cluster:
+            await kv.command("cleanup", {}, address=node.address)
+        assert await all_acked_readable(kv, data) == []
+    assert await placement_errors(cluster, list(data)) == []
+
+
+async def _sees_status(nodes_list, node_id: str, status: str) -> bool:
+    for n in nodes_list:
+        state = n.gossip.table.get(node_id)
+        if state is None or state.status.value != status:
+            return False
+    return True
