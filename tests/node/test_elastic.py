@@ -194,9 +194,8 @@ async def test_a_join_can_be_aborted_and_the_node_joins_afresh_later(nodes) -> N
         await kv.put_many(list(data.items()), w="all")
         seeds = tuple(n.address for n in cluster)
         config = nodes.config("n4", seeds=seeds, storage="sqlite", stream_rate_bytes_per_s=200_000.0)
-        from kvstore.node.node import Node, serve
+        from kvstore.node.node import serve
 
-        joiner: list[Node] = []
         async with trio.open_nursery() as nursery:
             async def run_joiner() -> None:
                 await serve(config, task_status=trio.TASK_STATUS_IGNORED)
