@@ -1,4 +1,5 @@
-"""Operator commands that change the cluster: decommission, abort-join, removenode, cleanup, repair.
+"""Operator commands that change the cluster: decommission, abort-join, removenode, drop-hints,
+cleanup, repair.
 Destructive ones ask for confirmation (or --yes); long ones show a progress bar while waiting."""
 from __future__ import annotations
 
@@ -20,6 +21,10 @@ def add_parsers(sub: Any, add_client_args: Callable[[argparse.ArgumentParser], N
     abort = sub.add_parser("abort-join", help="roll back the contacted node's join: it stops streaming, leaves and stops")
     abort.add_argument("--yes", action="store_true")
     add_client_args(abort)
+    drop = sub.add_parser("drop-hints", help="delete the hints the contacted node holds for TARGET (then repair it)")
+    drop.add_argument("target", help="node id the hints are for")
+    drop.add_argument("--yes", action="store_true")
+    add_client_args(drop)
     rem = sub.add_parser("removenode", help="remove a dead node; survivors re-replicate its ranges")
     rem.add_argument("node_id")
     rem.add_argument("--yes", action="store_true")
@@ -88,6 +93,10 @@ def run(args: argparse.Namespace) -> int:
             if not _confirm(args, f"abort the join of the node at {address} (it leaves and stops)?"):
                 return 2
             name, params = "abort-join", {}
+        elif args.command == "drop-hints":
+            if not _confirm(args, f"drop every hint {address} holds for {args.target} (repair it afterwards)?"):
+                return 2
+            name, params = "drop-hints", {"target": args.target}
         elif args.command == "removenode":
             if not _confirm(args, f"remove node {args.node_id} for good (its id can never rejoin)?"):
                 return 2
@@ -115,6 +124,8 @@ def _text(name: str, report: dict[str, Any]) -> str:
         if not report.get("aborted"):
             return f"abort-join requested; the node had not left yet: {json.dumps(report, default=str)}"
         return f"join aborted after {report.get('keys', 0)} streamed records; the node has left and stopped"
+    if name == "drop-hints":
+        return f"dropped {report.get('dropped', 0)} hints; run `kvstore repair` on that node to bring it up to date"
     if name == "removenode":
         total = sum(v for v in report.get("streamed", {}).values() if isinstance(v, int))
         return f"removed {report['removed']}: survivors re-replicated {total} records"

@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_node(args)
     if args.command == "bench":
         return run_bench_command(args)
-    if args.command in ("decommission", "abort-join", "removenode", "cleanup", "repair"):
+    if args.command in ("decommission", "abort-join", "drop-hints", "removenode", "cleanup", "repair"):
         from kvstore.cli import admin as admin_cli
 
         try:

@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 IDENTITY_FILE = "node.json"
 VERSION = "0.1.0"
 IDENTITY_FORMAT = 1
+RESTART_LEARN_S = 5.0  # a restarting member waits this long at most to hear its seeds before serving
 
 
 def load_identity(data_dir: Path, wanted_id: str) -> dict[str, Any]:
@@ -138,6 +139,7 @@ class Node:
         self.gossip: Gossip | None = None
         self.background: trio.Nursery = None  # type: ignore[assignment]
         self.stopping = trio.Event()
+        self.serving = False  # True once ready: the api answers reads and writes only then
         self.stopped = trio.Event()
         self._server: Any = None
         self.rng = random.Random(secrets.randbits(64))
@@ -210,6 +212,11 @@ class Node:
         resuming = bool(boot) and not boot.get("done")
         if (not tokens or resuming) and self.config.seeds:
             await self._learn_cluster()
+        elif self.config.seeds:
+            # a restart: learn the ring before serving, so that no request meets a ring of one;
+            # bounded and never fatal (after a whole-cluster stop the seeds may be down too)
+            with trio.move_on_after(RESTART_LEARN_S):
+                await self._learn_cluster()
         if not tokens:
             joining_existing = len(self.gossip.table) > 1
             tokens = ringmod.allocate_tokens(
@@ -275,6 +282,7 @@ class Node:
             else:
                 self.gossip.set_status(Status.NORMAL)
                 await self.transport.run(self.health.set, True)
+                self.serving = True
                 log.info("node %s serving on %s (%d tokens)", self.node_id, self.address, len(self.gossip.me.tokens))
                 task_status.started(self)
             await self.stopping.wait()
@@ -437,6 +445,23 @@ class Node:
             self.hint_counts[target] = count - deleted
             log.info("replayed %d hints to %s (%d left)", deleted, target, self.hint_counts[target])
         return replayed
+
+    async def drop_hints(self, target: str) -> int:
+        """Operator escape hatch for a handoff that cannot finish (Riak #1135): delete every hint
+        held for `target`. Its replica then catches up by anti-entropy (`repair`), not by replay."""
+        dropped = 0
+        while True:
+            hints = await self.engine.hints_for(target, self.config.hint_replay_batch)
+            if not hints:
+                break
+            deleted = await self.engine.delete_hints_if_unchanged(target, hints)
+            dropped += deleted
+            if not deleted:  # all updated meanwhile (writes still arrive for it): stop here
+                break
+        self.hint_counts = {t: c for t, c in (await self.engine.hint_counts()).items() if c}
+        log.warning("dropped %d hints held for %s (operator request); run repair to bring it up to date",
+                    dropped, target)
+        return dropped
 
     async def _reroute_hints(self, target: str) -> int:
         moved = 0
@@ -670,9 +695,14 @@ class Node:
             return wire.packb({"deleted": await self.elastic.cleanup()})
         if name == "purge-tombstones":
             return wire.packb({"purged": await self.purge_tombstones()})
+        if name == "drop-hints":
+            target = params.get("target")
+            if not isinstance(target, str) or not target:
+                raise InvalidArgument("target: required, the node id whose hints to drop")
+            return wire.packb({"dropped": await self.drop_hints(target)})
         if name == "replay-hints":
             return wire.packb({"replayed": await self.replay_hints()})
-        raise InvalidArgument(f"command: unknown command {name[:32]!r} (rewrap, kms-reload, decommission, abort-join, removenode, cleanup, repair, purge-tombstones, replay-hints)")
+        raise InvalidArgument(f"command: unknown command {name[:32]!r} (rewrap, kms-reload, decommission, abort-join, removenode, cleanup, repair, purge-tombstones, replay-hints, drop-hints)")
 
     # ---- public and admin responses ------------------------------------------------------
 

@@ -6,6 +6,7 @@ import msgpack
 import pytest
 import trio
 
+from kvstore.client import Client
 from kvstore.errors import KvError
 from tests.node.conftest import eventually
 
@@ -212,6 +213,9 @@ async def test_a_join_can_be_aborted_and_the_node_joins_afresh_later(nodes) -> N
             assert len(acked) == 50
             address = next(m["address"] for m in (await kv.status(cluster[0].address))["members"]
                            if m["node_id"] == "n4")
+            async with Client([address], token_aware=False, retries=0) as direct:  # a joiner coordinates nothing
+                with pytest.raises(KvError, match="not serving requests yet"):
+                    await direct.get(b"a-00001", timeout_s=2)
             report = msgpack.unpackb(await kv.command("abort-join", {}, address=address, timeout_s=30))
             assert report["aborted"] is True and report["state"] == "aborted"
             with trio.fail_after(20):  # serve() returns: the node stopped by itself

@@ -1,6 +1,7 @@
 """Three real nodes in-process: placement, quorums, hinted handoff, siblings, read repair."""
 from __future__ import annotations
 
+import msgpack
 import pytest
 import trio
 
@@ -201,3 +202,34 @@ async def test_a_hint_is_kept_when_both_the_primary_and_its_fallback_fail(nodes)
     [holder] = [n for n in cluster if n.node_id == victim]
     assert await _holds_all(holder, [key])
     assert (await coord.engine.hint_counts()).get(victim, 0) == 0
+
+
+async def test_drop_hints_gives_up_a_handoff_and_repair_brings_the_replica_up_to_date(nodes) -> None:
+    import sys
+
+    cluster = await nodes.cluster(3, storage="sqlite")
+    victim, survivors = cluster[2], cluster[:2]
+    await nodes.stop(victim)
+    await eventually(lambda: _all_see_down(survivors, victim.node_id), what="victim marked down")
+    keys = [b"handoff-%d" % i for i in range(60)]
+    async with nodes.client(*survivors) as kv:
+        assert all(isinstance(r, bytes) for r in await kv.put_many([(k, b"v") for k in keys]))
+    held = {n.node_id: (await n.engine.hint_counts()).get(victim.node_id, 0) for n in survivors}
+    assert sum(held.values()) == len(keys)  # 3 nodes, N=3: coordinators keep the hints themselves
+
+    for node in survivors:
+        done = await trio.run_process(
+            [sys.executable, "-m", "kvstore.cli.main", "drop-hints", victim.node_id, "--yes",
+             "--address", node.address], capture_stdout=True, capture_stderr=True, check=False)
+        assert done.returncode == 0, done.stderr
+        assert f"dropped {held[node.node_id]} hints".encode() in done.stdout
+    assert await _no_hints(survivors, victim.node_id)
+
+    back = await nodes.start(victim.node_id, seeds=tuple(n.address for n in survivors), storage="sqlite")
+    # a restarted member learns the ring before it serves: never a ring of one, where QUORUM is 1
+    assert len(back.ring()) == 3
+    await nodes.converged([*survivors, back])
+    async with nodes.client(back) as kv:
+        report = msgpack.unpackb(await kv.command("repair", {}, address=back.address, timeout_s=60))
+    assert report["state"] == "done", report
+    assert await _holds_all(back, keys), report
