@@ -47,10 +47,21 @@ class NodeConfig:
     anti_entropy_interval_s: float = 3600.0  # Merkle repair with every other replica, hourly
     stream_rate_bytes_per_s: float = 50e6  # join/decommission/removenode streams: leave room for requests
     rewrap_rate_per_s: float = 5000.0    # re-wrap job: records per second, so it never starves requests
+    tls_ca_file: str = ""                # the cluster CA (PEM): peers and clients need certificates it signed
+    tls_cert_file: str = ""              # this node's certificate (`kvstore certs issue --kind node`)
+    tls_key_file: str = ""               # its private key, mode 0600
+    auth_tokens_file: str = ""           # bearer tokens -> identity and roles (TOML, 0600); needs TLS
+    insecure: bool = False               # serve plaintext with no authentication when no tls_* file is
+                                         # set; must be said explicitly (the test profile does)
     test_hooks: bool = False             # enables fault-injection admin calls; never in production
     test_drop_writes: bool = False       # a deliberately broken node: acks writes it never stores
                                          # (proves the chaos checker catches lost writes)
     limits: Limits = field(default_factory=Limits)
+
+    @property
+    def tls_enabled(self) -> bool:
+        """TLS settings win: with them a node serves mTLS even when insecure is also set."""
+        return bool(self.tls_ca_file or self.tls_cert_file or self.tls_key_file)
 
     @property
     def advertise_address(self) -> str:
@@ -86,6 +97,15 @@ class NodeConfig:
         for name, addr in [("listen", self.listen)] + [("seeds", s) for s in self.seeds]:
             host, sep, port = addr.rpartition(":")
             need(bool(sep and host and port.isdigit()), f"{name}: {addr!r} is not host:port")
+        tls = {"tls_ca_file": self.tls_ca_file, "tls_cert_file": self.tls_cert_file, "tls_key_file": self.tls_key_file}
+        missing = [name for name, path in tls.items() if not path]
+        need(not self.tls_enabled or not missing,
+             f"{(missing or [''])[0]}: required with TLS (set all of {', '.join(tls)})")
+        need(self.tls_enabled or self.insecure,
+             "tls_cert_file: no TLS settings: set tls_ca_file, tls_cert_file and tls_key_file (see `kvstore "
+             "certs`), or insecure = true to serve plaintext without authentication")
+        need(not self.auth_tokens_file or self.tls_enabled,
+             "auth_tokens_file: bearer tokens need TLS (tls_* settings): in plaintext anyone on the path reads them")
         self.limits.validate()
         return self
 
@@ -107,6 +127,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "fsync": "never",
         "shutdown_grace_s": 2.0,
         "kms_check_interval_s": 0.2,
+        # in-process test nodes talk plaintext unless a test gives them tls_* files
+        "insecure": True,
     },
 }
 
