@@ -251,3 +251,13 @@ async def test_cli_uses_tls_flags_and_hints_at_them_when_missing(nodes, pki: Pki
     assert plain.returncode == 3 and b"--cluster-dir" in plain.stderr
     half = await kv_cli("get", "color", "--address", node.address, "--tls-ca", admin.ca_file)
     assert half.returncode == 2 and b"--tls-cert: required with TLS" in half.stderr
+
+
+async def test_kvstore_node_refuses_to_start_without_tls_or_with_a_client_certificate(pki: Pki, tmp_path: Path) -> None:
+    base = ["node", "--data-dir", str(tmp_path / "d"), "--listen", "127.0.0.1:0", "--storage", "memory",
+            "--encryption", "none", "--profile", "local"]
+    plain = await kv_cli(*base)
+    assert plain.returncode == 2 and b"no TLS settings" in plain.stderr and b"insecure" in plain.stderr
+    client = pki.files("admin")
+    wrong = await kv_cli(*base, "--tls-ca", client.ca_file, "--tls-cert", client.cert_file, "--tls-key", client.key_file)
+    assert wrong.returncode == 1 and b"tls_cert_file" in wrong.stderr and b"is a client certificate" in wrong.stderr
