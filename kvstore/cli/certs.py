@@ -82,7 +82,7 @@ def _token(args: argparse.Namespace) -> int:
     _out(args, {"token": token, "name": name, "roles": roles},
          token if args.tokens_file is None else
          f"{token}\n(added to {args.tokens_file} for {name!r} with roles {','.join(roles) or 'none'}; "
-         "nodes read it at start: restart them)")
+         "nodes started with --auth-tokens-file on it pick it up within a second)")
     return 0
 
 

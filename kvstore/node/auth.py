@@ -15,6 +15,8 @@ from __future__ import annotations
 import hmac
 import inspect
 import logging
+import os
+import time
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +59,7 @@ SERVICE_ROLES: dict[str, str] = {
 }
 DEFAULT_ROLE = "admin"
 MIN_TOKEN_CHARS = 16      # shorter tokens are guessable; `kvstore certs token` makes 43-char ones
+TOKEN_RECHECK_S = 1.0     # a changed tokens file takes effect within this (one stat() per second at most)
 IDENTITY_CACHE = 1024     # parsed peer certificates kept (by PEM), so a call costs a dict lookup
 
 
@@ -85,6 +88,9 @@ class TokenTable:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def current(self) -> "TokenTable":
+        return self
 
     def lookup(self, token: str) -> Identity | None:
         presented = token.encode()
@@ -138,13 +144,51 @@ class TokenTable:
         return cls(entries)
 
 
+class TokenFile:
+    """The tokens file, read again when it changes (looked at no more than every
+    TOKEN_RECHECK_S), so tokens are added and revoked without restarting nodes. A changed file
+    that does not load leaves the previous table in force, with an error in the log."""
+
+    def __init__(self, path: Path | str, clock: Callable[[], float] = time.monotonic) -> None:
+        self.path = Path(path)
+        self._clock = clock
+        self._stamp = self._stat()
+        self.table = TokenTable.load(self.path)
+        self._checked = clock()
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def current(self) -> TokenTable:
+        now = self._clock()
+        if now - self._checked >= TOKEN_RECHECK_S:
+            self._checked = now
+            stamp = self._stat()
+            if stamp != self._stamp:
+                self._stamp = stamp
+                try:
+                    self.table = TokenTable.load(self.path)
+                    log.info("tokens file %s reloaded: %d tokens", self.path, len(self.table))
+                except CertError as exc:
+                    log.error("tokens file changed but does not load, keeping the previous %d tokens: %s",
+                              len(self.table), exc)
+        return self.table
+
+
 # ---- the check ------------------------------------------------------------------------------------
 
 
 class Authorizer:
     """Decides, per call, who the caller is and whether they may call the method."""
 
-    def __init__(self, tokens: TokenTable | None = None) -> None:
+    def __init__(self, tokens: TokenTable | TokenFile | None = None) -> None:
         self.tokens = tokens
         self._identities: dict[bytes, Identity | None] = {}
 
@@ -174,7 +218,7 @@ class Authorizer:
         scheme, _, token = value.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise Unauthenticated("authorization: expected 'Bearer <token>'")
-        found = self.tokens.lookup(token.strip()) if self.tokens is not None else None
+        found = self.tokens.current().lookup(token.strip()) if self.tokens is not None else None
         if found is None:
             raise Unauthenticated("bearer token not recognized")
         return found
@@ -292,5 +336,5 @@ def load_security(config: NodeConfig) -> NodeSecurity:
     if not tls.identity.is_node:
         raise CertError(f"tls_cert_file: {config.tls_cert_file} is a {tls.identity.kind} certificate; a node "
                         f"needs one made with `kvstore certs issue --kind node`")
-    tokens = TokenTable.load(config.auth_tokens_file) if config.auth_tokens_file else None
+    tokens = TokenFile(config.auth_tokens_file) if config.auth_tokens_file else None
     return NodeSecurity(tls, Authorizer(tokens))

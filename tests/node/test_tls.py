@@ -3,6 +3,7 @@ who may call what (node certificates for internal methods; read, write and admin
 rest, from the client certificate or a bearer token), and that denials reveal nothing."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -261,3 +262,21 @@ async def test_kvstore_node_refuses_to_start_without_tls_or_with_a_client_certif
     client = pki.files("admin")
     wrong = await kv_cli(*base, "--tls-ca", client.ca_file, "--tls-cert", client.cert_file, "--tls-key", client.key_file)
     assert wrong.returncode == 1 and b"tls_cert_file" in wrong.stderr and b"is a client certificate" in wrong.stderr
+
+
+async def test_a_token_added_with_kvstore_certs_token_works_without_a_restart(nodes, pki: Pki) -> None:
+    node = await tls_node(nodes, pki)
+    made = await kv_cli("certs", "token", "--name", "late", "--roles", "read,write", "--file", str(pki.tokens),
+                        "--json")
+    assert made.returncode == 0, made.stderr
+    token = json.loads(made.stdout)["token"]
+    assert pki.tokens.stat().st_mode & 0o777 == 0o600
+    async with Client([node.address], tls=pki.tls("nobody"), token=token, retries=0) as kv:
+        with trio.fail_after(5):
+            while True:
+                try:
+                    await kv.put(b"k", b"late")
+                    break
+                except Unauthenticated:
+                    await trio.sleep(0.2)
+        assert (await kv.get(b"k")).value == b"late"

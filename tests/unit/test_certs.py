@@ -14,7 +14,8 @@ from kvstore._proto import admin_pb2, internal_pb2, kv_pb2
 from kvstore.certs import CertError, Identity
 from kvstore.cli import connect
 from kvstore.errors import PermissionDenied, Unauthenticated
-from kvstore.node.auth import ANY, METHOD_ROLES, NODE, Authorizer, TokenTable, load_security, required_role
+from kvstore.node.auth import (ANY, METHOD_ROLES, NODE, TOKEN_RECHECK_S, Authorizer, TokenFile, TokenTable,
+                               load_security, required_role)
 from kvstore.tls import TlsFiles
 
 TOKEN = "t" * 24
@@ -129,6 +130,23 @@ def test_tokens_file_maps_tokens_to_identities(tmp_path: Path) -> None:
     assert table.lookup(TOKEN) == Identity("client", "ci", frozenset({"read"}))
     assert table.lookup(TOKEN + "x") is None
     assert table.lookup(TOKEN[:-1]) is None
+
+
+def test_tokens_file_changes_take_effect_and_a_broken_change_keeps_the_old_table(ca: Path, tmp_path: Path) -> None:
+    now = [0.0]
+    entry = '[[tokens]]\ntoken = "{}"\nname = "{}"\nroles = ["read"]\n'
+    path = _tokens(tmp_path, entry.format(TOKEN, "old"))
+    tokens = TokenFile(path, clock=lambda: now[0])
+    auth = Authorizer(tokens)
+    header = [("authorization", "Bearer " + "n" * 20)]
+    path.write_text(entry.format("n" * 20, "new"))  # the old token revoked, a new one added
+    assert tokens.current().lookup(TOKEN) is not None  # not looked at again yet
+    now[0] += TOKEN_RECHECK_S
+    assert tokens.current().lookup(TOKEN) is None
+    assert auth.check("/kvstore.v1.KV/Get", _ctx(ca, "r", "client"), header).name == "new"
+    path.write_text("not toml [")
+    now[0] += TOKEN_RECHECK_S
+    assert tokens.current().lookup("n" * 20) == Identity("client", "new", frozenset({"read"}))
 
 
 @pytest.mark.parametrize("text,mode,message", [
