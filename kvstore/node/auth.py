@@ -260,36 +260,48 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             cached = self._wrapped[method] = (handler, self._wrap(method, handler))
         return cached[1]
 
-    async def _admit(self, method: str, context: grpc.aio.ServicerContext) -> None:
+    def _denial(self, method: str, context: Any) -> KvError | None:
         try:
             self.authorizer.check(method, context.auth_context(), context.invocation_metadata() or ())
         except KvError as exc:
             log.debug("denied %s to %s: %s", method, context.peer(), exc)
-            await context.abort(code_of(exc), message_of(exc))
+            return exc
+        return None
 
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """The same handler behind the check, keeping its shape: coroutine or async generator
+        handlers stay async; plain functions and generators stay synchronous, so the server
+        still runs them in its thread pool (their context's abort() is synchronous there)."""
         kind = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
         name = next(k for k in kind if getattr(handler, k) is not None)
         inner = getattr(handler, name)
-        admit = self._admit
+        denial = self._denial
 
-        if inspect.isasyncgenfunction(inner) or inspect.isgeneratorfunction(inner):
-            async def streaming(request: Any, context: Any) -> Any:
-                await admit(method, context)
-                replies = inner(request, context)
-                if inspect.isasyncgen(replies):
-                    async for reply in replies:
-                        yield reply
-                else:
-                    for reply in replies:
-                        yield reply
-            behavior: Any = streaming
+        if inspect.isasyncgenfunction(inner):
+            async def async_stream(request: Any, context: Any) -> Any:
+                if (exc := denial(method, context)) is not None:
+                    await context.abort(code_of(exc), message_of(exc))
+                async for reply in inner(request, context):
+                    yield reply
+            behavior: Any = async_stream
+        elif inspect.iscoroutinefunction(inner):
+            async def async_single(request: Any, context: Any) -> Any:
+                if (exc := denial(method, context)) is not None:
+                    await context.abort(code_of(exc), message_of(exc))
+                return await inner(request, context)
+            behavior = async_single
+        elif inspect.isgeneratorfunction(inner):
+            def sync_stream(request: Any, context: Any) -> Any:
+                if (exc := denial(method, context)) is not None:
+                    context.abort(code_of(exc), message_of(exc))
+                yield from inner(request, context)
+            behavior = sync_stream
         else:
-            async def single(request: Any, context: Any) -> Any:
-                await admit(method, context)
-                result = inner(request, context)
-                return await result if inspect.isawaitable(result) else result
-            behavior = single
+            def sync_single(request: Any, context: Any) -> Any:
+                if (exc := denial(method, context)) is not None:
+                    context.abort(code_of(exc), message_of(exc))
+                return inner(request, context)
+            behavior = sync_single
         factory = getattr(grpc, f"{name}_rpc_method_handler")
         return factory(behavior, request_deserializer=handler.request_deserializer,
                        response_serializer=handler.response_serializer)

@@ -280,3 +280,65 @@ async def test_a_token_added_with_kvstore_certs_token_works_without_a_restart(no
                 except Unauthenticated:
                     await trio.sleep(0.2)
         assert (await kv.get(b"k")).value == b"late"
+
+
+def test_the_check_guards_sync_async_unary_and_streaming_handlers_alike(pki: Pki) -> None:
+    """Services others add (health, reflection) may be written either way; each stays guarded."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kvstore.node.auth import AuthInterceptor, Authorizer
+
+    async def async_unary(request: bytes, context: Any) -> bytes:
+        return b"async"
+
+    async def async_stream(request: bytes, context: Any) -> Any:
+        yield b"async-stream"
+
+    def sync_unary(request: bytes, context: Any) -> bytes:
+        return b"sync"
+
+    def sync_stream(request: bytes, context: Any) -> Any:
+        yield b"sync-stream"
+
+    async def main() -> list[tuple[str, str, str]]:
+        with ThreadPoolExecutor(2) as pool:
+            server = grpc.aio.server(interceptors=[AuthInterceptor(Authorizer())], migration_thread_pool=pool)
+            server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("kvstore.v1.Admin", {
+                "Command": grpc.unary_unary_rpc_method_handler(async_unary),      # needs admin
+                "Status": grpc.unary_stream_rpc_method_handler(async_stream),     # needs read
+                "Locate": grpc.unary_unary_rpc_method_handler(sync_unary),        # needs read
+            }), grpc.method_handlers_generic_handler("kvstore.v1.Internal", {
+                "Call": grpc.unary_stream_rpc_method_handler(sync_stream),        # needs a node
+            })])
+            port = server.add_secure_port("127.0.0.1:0", pki.tls("n1").server_credentials())
+            await server.start()
+            out = []
+            try:
+                for who in ("admin", "nobody"):
+                    async with grpc.aio.secure_channel(f"127.0.0.1:{port}", pki.tls(who).channel_credentials()) as ch:
+                        for path, streaming in [("/kvstore.v1.Admin/Command", False), ("/kvstore.v1.Admin/Status", True),
+                                                ("/kvstore.v1.Admin/Locate", False), ("/kvstore.v1.Internal/Call", True)]:
+                            try:
+                                if streaming:
+                                    got = b"".join([r async for r in ch.unary_stream(path)(b"", timeout=5)])
+                                else:
+                                    got = await ch.unary_unary(path)(b"", timeout=5)
+                                out.append((who, path, got.decode()))
+                            except grpc.aio.AioRpcError as exc:
+                                out.append((who, path, exc.code().name))
+            finally:
+                await server.stop(0)
+            return out
+
+    results = asyncio.run(main())
+    assert results == [
+        ("admin", "/kvstore.v1.Admin/Command", "async"),
+        ("admin", "/kvstore.v1.Admin/Status", "async-stream"),
+        ("admin", "/kvstore.v1.Admin/Locate", "sync"),
+        ("admin", "/kvstore.v1.Internal/Call", "PERMISSION_DENIED"),
+        ("nobody", "/kvstore.v1.Admin/Command", "PERMISSION_DENIED"),
+        ("nobody", "/kvstore.v1.Admin/Status", "PERMISSION_DENIED"),
+        ("nobody", "/kvstore.v1.Admin/Locate", "PERMISSION_DENIED"),
+        ("nobody", "/kvstore.v1.Internal/Call", "PERMISSION_DENIED"),
+    ]
