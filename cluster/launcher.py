@@ -434,12 +434,6 @@ class LocalCluster:
             self._credentials[name] = material.channel_credentials()
         return self._credentials[name]
 
-    def client(self, **options: Any) -> Any:
-        """A kvstore.Client of every node, as admin (read, write, admin) when TLS is on."""
-        from kvstore.client import Client
-
-        return Client(self.addresses(), tls=self.tls(), **options)
-
     def write_env_file(self) -> Path:
         """root/env: `. <root>/env` points the kvstore CLI at this cluster (addresses, certificates)."""
         lines = [f"export KVSTORE_ADDRESS={','.join(self.addresses())}"]
