@@ -31,7 +31,7 @@ import trio
 
 from cluster.checker import CheckResult, check, format_report
 from cluster.history import AFTER_READS, ANTI_ENTROPY, SETTLED, FinalRead, FinalState, History, ReplicaState
-from cluster.launcher import LocalCluster, free_base_port, status_of
+from cluster.launcher import HARNESS_CERT_NAME, STATUS_TIMEOUT_S, LocalCluster, free_base_port, status_of
 from cluster.netns import available as netns_available
 from cluster.nemesis import ALL_FAULTS, CHANNEL_OPTIONS, Nemesis, Step, admin_command, make_schedule
 from cluster.workload import Workload, WorkloadConfig
@@ -40,6 +40,7 @@ from kvstore.client import Client
 from kvstore.core import wire
 from kvstore.core.records import siblings_from_wire
 from kvstore.errors import KvError
+from kvstore.tls import TlsMaterial, channel
 
 log = logging.getLogger(__name__)
 
@@ -92,14 +93,16 @@ class Scenario:
 # ---- raw replica reads ------------------------------------------------------------------------
 
 
-def raw_records(address: str, keys: Sequence[bytes], timeout_s: float = RAW_READ_TIMEOUT_S) -> list[tuple[int, Any]]:
+def raw_records(address: str, keys: Sequence[bytes], timeout_s: float = RAW_READ_TIMEOUT_S,
+                credentials: grpc.ChannelCredentials | None = None) -> list[tuple[int, Any]]:
     """Each key's record as the node at `address` stores it: one internal replica read batch
-    (the same frames peers exchange), answered from its local store only. Blocking."""
+    (the same frames peers exchange), answered from its local store only. Blocking. Internal
+    methods take node certificates only: with TLS pass LocalCluster.credentials("harness")."""
     opts = [("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20),
             *CHANNEL_OPTIONS]
     out: list[tuple[int, Any]] = []
-    with grpc.insecure_channel(address, options=opts) as channel:
-        stub = internal_pb2_grpc.InternalStub(channel)
+    with channel(address, opts, credentials) as ch:
+        stub = internal_pb2_grpc.InternalStub(ch)
         for start in range(0, len(keys), RAW_READ_BATCH):
             chunk = keys[start:start + RAW_READ_BATCH]
             payload = wire.encode_batch(start + 1, [wire.ReadOp(k) for k in chunk])
@@ -126,6 +129,9 @@ class Run:
     history: History = field(default_factory=History)
     t0: float = 0.0
     _live: list[tuple[ReplicaState, list[tuple[str, int]]]] = field(default_factory=list)
+    _tls: TlsMaterial | None = None                    # the cluster's admin client certificate
+    _admin: grpc.ChannelCredentials | None = None      # ... as channel credentials
+    _harness: grpc.ChannelCredentials | None = None    # a node certificate, for raw replica reads
 
     def now(self) -> float:
         return trio.current_time() - self.t0
@@ -162,7 +168,7 @@ class Run:
                 self.t0 = trio.current_time()
                 nemesis = Nemesis(cluster, self.history, self.now)
                 workload = Workload(sc.workload, self.history, lambda: cluster.addresses(), self.seed,
-                                    run_id=f"s{self.seed}", t0=self.t0)
+                                    run_id=f"s{self.seed}", t0=self.t0, tls=cluster.tls())
                 async with trio.open_nursery() as watching:
                     watching.start_soon(nemesis.watch)
                     async with trio.open_nursery() as nursery:
@@ -193,7 +199,8 @@ class Run:
             held = {}
             for rec in cluster.nodes:
                 try:
-                    view = await trio.to_thread.run_sync(status_of, rec.address)
+                    view = await trio.to_thread.run_sync(status_of, rec.address, STATUS_TIMEOUT_S,
+                                                         cluster.credentials())
                 except grpc.RpcError as exc:
                     held[rec.name] = f"no status: {exc.code().name}"
                     continue
@@ -210,7 +217,9 @@ class Run:
     async def final_state(self, cluster: LocalCluster, keys: list[bytes]) -> FinalState:
         final = FinalState()
         nodes = [(r.name, r.node_id, r.address) for r in cluster.nodes]
-        async with Client([a for _, _, a in nodes], token_aware=False) as kv:
+        self._tls, self._admin = cluster.tls(), cluster.credentials()
+        self._harness = cluster.credentials(HARNESS_CERT_NAME)
+        async with Client([a for _, _, a in nodes], token_aware=False, tls=self._tls) as kv:
             try:
                 topo = await kv.refresh_ring()
                 primaries = {k: set(topo.ring.preference_list(k, topo.n)) for k in keys}
@@ -242,7 +251,8 @@ class Run:
         for name, _, address in nodes:
             t = trio.current_time()
             try:
-                raw = await trio.to_thread.run_sync(admin_command, address, "repair", {}, ANTI_ENTROPY_TIMEOUT_S)
+                raw = await trio.to_thread.run_sync(admin_command, address, "repair", {}, ANTI_ENTROPY_TIMEOUT_S,
+                                                    self._admin)
                 progress = msgpack.unpackb(raw, raw=False)
             except grpc.RpcError as exc:
                 final.notes.append(f"repair on {name} failed: {exc.code().name}: {exc.details()}")
@@ -271,7 +281,7 @@ class Run:
         for _, _, address in nodes:
             results: list[Any] = []
             async with Client([address], token_aware=False, timeout_s=FINAL_READ_TIMEOUT_S, retries=2,
-                              max_message_bytes=FINAL_CHANNEL_BYTES) as kv:
+                              max_message_bytes=FINAL_CHANNEL_BYTES, tls=self._tls) as kv:
                 for start in range(0, len(keys), FINAL_READ_BATCH):  # in turn: R=ALL fans out to every replica
                     results += await kv.get_many(keys[start:start + FINAL_READ_BATCH], r="all")
             for key, res in zip(keys, results):
@@ -289,7 +299,8 @@ class Run:
         states: list[ReplicaState] = []
         for _, node_id, address in nodes:
             try:
-                results = await trio.to_thread.run_sync(raw_records, address, keys)
+                results = await trio.to_thread.run_sync(raw_records, address, keys, RAW_READ_TIMEOUT_S,
+                                                        self._harness)
             except (grpc.RpcError, ValueError, KvError) as exc:
                 text = f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.RpcError) else str(exc)
                 states += [ReplicaState(k, node_id, address, node_id in primaries[k], phase, False, error=text)

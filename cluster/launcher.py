@@ -11,6 +11,11 @@ Layout of a cluster dir (paths are absolute, so any process can manage a cluster
                              port, data dir, pid, profile, storage, extra args, state)
     <dir>/kms/               root.key and keyring with the cluster KEK every node seals under
                              (kvstore.kms.setup; absent with encryption="none")
+    <dir>/certs/             the cluster CA (ca.crt, ca.key), one node certificate per node
+                             (<name>.crt/.key), `admin` (client: read, write, admin) for clients
+                             and tools, and `harness` (a node certificate, for the chaos harness's
+                             raw replica reads); absent with insecure=True (plaintext)
+    <dir>/env                `export KVSTORE_ADDRESS=... KVSTORE_CLUSTER_DIR=...` for the kvstore CLI
     <dir>/<name>/data        the node's --data-dir (kept across restarts)
     <dir>/<name>/node.log    the node's stdout and stderr, appended on every start
     <dir>/<name>/ready       written by the node (--ready-file) once it serves
@@ -50,8 +55,10 @@ import msgpack
 
 from cluster.netns import Network
 from cluster.netns import available as netns_available
+from kvstore import certs
 from kvstore._proto import admin_pb2, admin_pb2_grpc
 from kvstore.kms.local import ROOT_KEY_ENV
+from kvstore.tls import ADMIN_CERT_NAME, CLUSTER_CERTS_DIR, TlsFiles, TlsMaterial, channel
 
 CLUSTER_FORMAT = 1
 CLUSTER_FILE = "cluster.json"
@@ -68,7 +75,9 @@ LOCK_TIMEOUT_S = 120.0     # another launcher's up() of many nodes may hold the 
 
 #: flags the launcher sets itself; extra_args may not repeat them
 _OWN_FLAGS = ("--node-id", "--listen", "--advertise", "--data-dir", "--ready-file", "--seeds", "--profile",
-              "--storage", "--encryption", "--kms-keyring", "--kms-root-key-file", "--kms-key")
+              "--storage", "--encryption", "--kms-keyring", "--kms-root-key-file", "--kms-key",
+              "--tls-ca", "--tls-cert", "--tls-key", "--insecure")
+HARNESS_CERT_NAME = "harness"  # a node certificate for tools that read replicas directly (cluster/chaos.py)
 
 
 class ClusterError(Exception):
@@ -105,10 +114,12 @@ class NodeRecord:
         return f"{self.host}:{self.port}"
 
 
-def status_of(address: str, timeout_s: float = STATUS_TIMEOUT_S) -> dict[str, Any]:
-    """The node's own view (node_id, address, ring_digest, members, ...) via an Admin.Status call."""
-    with grpc.insecure_channel(address) as channel:
-        resp = admin_pb2_grpc.AdminStub(channel).Status(admin_pb2.StatusRequest(), timeout=timeout_s)
+def status_of(address: str, timeout_s: float = STATUS_TIMEOUT_S,
+              credentials: grpc.ChannelCredentials | None = None) -> dict[str, Any]:
+    """The node's own view (node_id, address, ring_digest, members, ...) via an Admin.Status call.
+    `credentials`: LocalCluster.credentials() for a cluster with TLS."""
+    with channel(address, (), credentials) as ch:
+        resp = admin_pb2_grpc.AdminStub(ch).Status(admin_pb2.StatusRequest(), timeout=timeout_s)
     return msgpack.unpackb(resp.payload, raw=False)
 
 
@@ -197,6 +208,7 @@ class LocalCluster:
         *,
         encryption: str = "kms",
         network: str = "loopback",
+        insecure: bool = False,
         start_timeout_s: float = START_TIMEOUT_S,
         converge_timeout_s: float = CONVERGE_TIMEOUT_S,
         stop_timeout_s: float = STOP_TIMEOUT_S,
@@ -224,6 +236,9 @@ class LocalCluster:
         self.extra_args = list(extra_args)
         self.encryption = encryption
         self.network = network
+        self.insecure = insecure  # plaintext without authentication; default: mTLS with certs in root/certs
+        self._credentials: dict[str, grpc.ChannelCredentials] = {}
+        self._materials: dict[str, TlsMaterial] = {}
         self.start_timeout_s = start_timeout_s
         self.converge_timeout_s = converge_timeout_s
         self.stop_timeout_s = stop_timeout_s
@@ -241,7 +256,8 @@ class LocalCluster:
         if not path.exists():
             raise ClusterError(f"no cluster in {path.parent} (no {CLUSTER_FILE}): start one with up first")
         doc = cls._read(path)
-        settings = {k: doc[k] for k in ("base_port", "profile", "storage", "extra_args", "encryption", "network")
+        settings = {k: doc[k] for k in ("base_port", "profile", "storage", "extra_args", "encryption", "network",
+                                        "insecure")
                     if k in doc}
         return cls(root, **{**settings, **kwargs})
 
@@ -297,7 +313,7 @@ class LocalCluster:
         self.root.mkdir(parents=True, exist_ok=True)
         doc = {"format": CLUSTER_FORMAT, "base_port": self.base_port, "profile": self.profile,
                "storage": self.storage, "extra_args": self.extra_args, "encryption": self.encryption,
-               "network": self.network, "nodes": [asdict(n) for n in self.nodes]}
+               "network": self.network, "insecure": self.insecure, "nodes": [asdict(n) for n in self.nodes]}
         tmp = self._path.with_suffix(".tmp")
         tmp.write_text(json.dumps(doc, indent=2) + "\n")
         os.replace(tmp, self._path)
@@ -392,6 +408,58 @@ class LocalCluster:
 
         return ["--encryption", "kms", *provision(self.root / "kms").node_args()]
 
+    # ---- TLS -------------------------------------------------------------------------------
+
+    @property
+    def certs_dir(self) -> Path:
+        return self.root / CLUSTER_CERTS_DIR
+
+    def _security_args(self, rec: NodeRecord) -> list[str]:
+        """--insecure, or the node's TLS flags: the cluster CA, the admin and harness
+        certificates and this node's certificate are made on first need and kept."""
+        if self.insecure:
+            return ["--insecure"]
+        d = self.certs_dir
+        if not (d / f"{certs.CA_NAME}.crt").exists():
+            certs.init_ca(d, common_name=f"kvstore local cluster CA ({self.root.name})", force=True)
+        for name, kind, roles in [(ADMIN_CERT_NAME, "client", certs.ROLES), (HARNESS_CERT_NAME, "node", ()),
+                                  (rec.name, "node", ())]:
+            try:  # kept while the CA still vouches for it
+                certs.check_issued(d / f"{name}.crt", d / f"{certs.CA_NAME}.crt", name)
+            except certs.CertError:
+                hosts = list(dict.fromkeys([rec.host if name == rec.name else HOST, HOST, "localhost"]))
+                certs.issue(d, name, kind, roles=roles, hosts=hosts if kind == "node" else (), force=True)
+        files = TlsFiles.from_dir(d, rec.name)
+        return ["--tls-ca", files.ca_file, "--tls-cert", files.cert_file, "--tls-key", files.key_file]
+
+    def tls(self, name: str = ADMIN_CERT_NAME) -> TlsMaterial | None:
+        """Certificate NAME of this cluster (admin: a client with every role; harness: a node
+        certificate) for Client(tls=...); None when the cluster is insecure."""
+        if self.insecure:
+            return None
+        if name not in self._materials:
+            if not (self.certs_dir / f"{name}.crt").exists():
+                raise ClusterError(f"no certificate {name!r} in {self.certs_dir}: up the cluster first")
+            self._materials[name] = TlsFiles.from_dir(self.certs_dir, name).load()
+        return self._materials[name]
+
+    def credentials(self, name: str = ADMIN_CERT_NAME) -> grpc.ChannelCredentials | None:
+        """Channel credentials of certificate NAME (see tls()) for status_of and other raw calls."""
+        material = self.tls(name)
+        if material is None:
+            return None
+        if name not in self._credentials:
+            self._credentials[name] = material.channel_credentials()
+        return self._credentials[name]
+
+    def write_env_file(self) -> Path:
+        """root/env: `. <root>/env` points the kvstore CLI at this cluster (addresses, certificates)."""
+        lines = [f"export KVSTORE_ADDRESS={','.join(self.addresses())}"]
+        lines.append("unset KVSTORE_CLUSTER_DIR" if self.insecure else f"export KVSTORE_CLUSTER_DIR={shlex.quote(str(self.root))}")
+        path = self.root / "env"
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
     def _spawn(self, rec: NodeRecord, seeds: Sequence[str]) -> None:
         prefix: list[str] = []
         if self.net is not None:
@@ -406,7 +474,8 @@ class LocalCluster:
         ready.unlink(missing_ok=True)
         cmd = [*prefix, self.python, "-m", "kvstore.cli.main", "node", "--node-id", rec.node_id,
                "--listen", rec.address, "--data-dir", rec.data_dir, "--profile", rec.profile,
-               "--storage", rec.storage, "--ready-file", str(ready), *self._encryption_args()]
+               "--storage", rec.storage, "--ready-file", str(ready), *self._encryption_args(),
+               *self._security_args(rec)]
         if seeds:
             cmd += ["--seeds", ",".join(seeds)]
         cmd += rec.extra_args
@@ -439,7 +508,7 @@ class LocalCluster:
                                  + tail(Path(rec.log), 20))
             if ready.exists() and ready.read_text().strip() == rec.address:
                 try:
-                    view = status_of(rec.address)
+                    view = status_of(rec.address, credentials=self.credentials())
                 except grpc.RpcError as exc:
                     last_error = f"{exc.code().name}: {exc.details()}"
                 else:
@@ -545,7 +614,7 @@ class LocalCluster:
                                    "address": rec.address, "log": rec.log}
             if state == "running":
                 try:
-                    row["view"] = status_of(rec.address)
+                    row["view"] = status_of(rec.address, credentials=self.credentials())
                 except grpc.RpcError as exc:
                     row["error"] = f"{exc.code().name}: {exc.details()}"
             out.append(row)
@@ -556,7 +625,7 @@ class LocalCluster:
         want = {r.node_id for r in live}
         for rec in live:
             try:
-                views[rec.name] = view = status_of(rec.address)
+                views[rec.name] = view = status_of(rec.address, credentials=self.credentials())
             except grpc.RpcError as exc:
                 problems.append(f"{rec.name} ({rec.address}) does not answer Status ({exc.code().name}); see {rec.log}")
                 continue

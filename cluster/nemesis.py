@@ -26,8 +26,9 @@ import msgpack
 import trio
 
 from cluster.history import FaultEvent, History
-from cluster.launcher import ClusterError, LocalCluster, status_of
+from cluster.launcher import STATUS_TIMEOUT_S, ClusterError, LocalCluster, status_of
 from kvstore._proto import admin_pb2, admin_pb2_grpc
+from kvstore.tls import channel
 
 log = logging.getLogger(__name__)
 
@@ -147,11 +148,13 @@ CHANNEL_OPTIONS = [("grpc.use_local_subchannel_pool", 1), ("grpc.initial_reconne
                    ("grpc.max_reconnect_backoff_ms", 1000)]
 
 
-def admin_command(address: str, name: str, args: dict[str, object], timeout_s: float = COMMAND_TIMEOUT_S) -> bytes:
-    """Admin.Command on the node at `address` (blocking; raises grpc.RpcError)."""
-    with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+def admin_command(address: str, name: str, args: dict[str, object], timeout_s: float = COMMAND_TIMEOUT_S,
+                  credentials: grpc.ChannelCredentials | None = None) -> bytes:
+    """Admin.Command on the node at `address` (blocking; raises grpc.RpcError). `credentials`:
+    LocalCluster.credentials() (the admin certificate) when the cluster runs TLS."""
+    with channel(address, CHANNEL_OPTIONS, credentials) as ch:
         req = admin_pb2.CommandRequest(name=name, args=msgpack.packb(args))
-        return admin_pb2_grpc.AdminStub(channel).Command(req, timeout=timeout_s).payload
+        return admin_pb2_grpc.AdminStub(ch).Command(req, timeout=timeout_s).payload
 
 
 @dataclass
@@ -183,7 +186,8 @@ class Nemesis:
         address = self._addr(name)
         for attempt in range(attempts):
             try:
-                await trio.to_thread.run_sync(admin_command, address, command, args)
+                await trio.to_thread.run_sync(admin_command, address, command, args, COMMAND_TIMEOUT_S,
+                                              self.cluster.credentials())
                 return True
             except grpc.RpcError as exc:
                 if attempt == attempts - 1:
@@ -230,7 +234,8 @@ class Nemesis:
                 views = []
                 for name in observers:
                     try:
-                        views.append(await trio.to_thread.run_sync(status_of, self._addr(name)))
+                        views.append(await trio.to_thread.run_sync(status_of, self._addr(name), STATUS_TIMEOUT_S,
+                                                                   self.cluster.credentials()))
                     except grpc.RpcError:
                         continue
                 ups = [{m["node_id"] for m in v["members"] if m["up"]} for v in views]

@@ -22,6 +22,7 @@ import trio
 
 from cluster.history import CAS, DELETE, FAIL, INFO, INVOKE, OK, READ, WRITE, History, Op
 from kvstore.client import Client
+from kvstore.tls import TlsMaterial
 from kvstore.errors import InvalidArgument, KvError, PermissionDenied, StaleContext, Unauthenticated, Unavailable
 
 #: errors after which a write certainly was not applied: the request was refused before any
@@ -99,6 +100,7 @@ class Workload:
     t0: float = 0.0
     _ids: int = 0
     _clients: dict[str, Client] = field(default_factory=dict)
+    tls: TlsMaterial | None = None   # the cluster's client certificate (LocalCluster.tls()); None: plaintext
     stopping: bool = False
     ops_started: int = 0
 
@@ -109,7 +111,7 @@ class Workload:
         c = self._clients.get(address)
         if c is None:
             c = self._clients[address] = Client([address], token_aware=False, timeout_s=self.config.timeout_s,
-                                                retries=1)
+                                                retries=1, tls=self.tls)
         return c
 
     def close(self) -> None:

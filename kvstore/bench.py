@@ -21,6 +21,7 @@ from hdrh.histogram import HdrHistogram
 
 from kvstore.client import Client
 from kvstore.errors import KvError
+from kvstore.tls import TlsFiles, TlsMaterial
 
 MAX_LATENCY_US = 60_000_000
 
@@ -43,6 +44,8 @@ class BenchConfig:
     prefill: bool = True              # write every key once first, so gets find values
     seed: int = 1
     progress: bool = True
+    tls: TlsFiles | TlsMaterial | None = None  # the cluster CA and a client certificate (None: plaintext)
+    token: str | None = field(default=None, repr=False)  # bearer token; never in the report
 
     def validate(self) -> "BenchConfig":
         if not self.addresses:
@@ -109,7 +112,7 @@ async def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     stats = {"put": OpStats(), "get": OpStats(), "delete": OpStats()}
     ops = ["put", "get", "delete"]
     weights = [cfg.put_ratio, cfg.get_ratio, cfg.delete_ratio]
-    async with Client(list(cfg.addresses), timeout_s=10.0) as kv:
+    async with Client(list(cfg.addresses), timeout_s=10.0, tls=cfg.tls, token=cfg.token) as kv:
         if cfg.prefill:
             for start in range(0, cfg.keys, 500):
                 await kv.put_many([(k, value) for k in choose.keys[start:start + 500]], w=cfg.w)
@@ -166,7 +169,8 @@ async def run_bench(cfg: BenchConfig) -> dict[str, Any]:
         server_cpu1, client_cpu1 = await _server_cpu(kv, cfg.addresses), _cpu_s()
     total_ok = sum(s.ok for s in stats.values())
     return {
-        "config": {**asdict(cfg), "addresses": list(cfg.addresses)},
+        "config": {**{k: v for k, v in asdict(cfg).items() if k not in ("tls", "token")},
+                   "addresses": list(cfg.addresses), "tls": cfg.tls is not None, "token": bool(cfg.token)},
         "elapsed_s": elapsed,
         "ops_per_s": total_ok / elapsed,
         "ops": {op: s.summary(elapsed) for op, s in stats.items() if s.ok or s.errors},

@@ -53,10 +53,21 @@ class NodeConfig:
     log_format: str = "text"             # "text", or "json": one object per line for log shippers
     drain_notice_s: float = 1.0          # on stop: health answers NOT_SERVING this long before the port
                                          # closes, so checkers polling every second take the node out first
+    tls_ca_file: str = ""                # the cluster CA (PEM): peers and clients need certificates it signed
+    tls_cert_file: str = ""              # this node's certificate (`kvstore certs issue --kind node`)
+    tls_key_file: str = ""               # its private key, mode 0600
+    auth_tokens_file: str = ""           # bearer tokens -> identity and roles (TOML, 0600); needs TLS
+    insecure: bool = False               # serve plaintext with no authentication when no tls_* file is
+                                         # set; must be said explicitly (the test profile does)
     test_hooks: bool = False             # enables fault-injection admin calls; never in production
     test_drop_writes: bool = False       # a deliberately broken node: acks writes it never stores
                                          # (proves the chaos checker catches lost writes)
     limits: Limits = field(default_factory=Limits)
+
+    @property
+    def tls_enabled(self) -> bool:
+        """TLS settings win: with them a node serves mTLS even when insecure is also set."""
+        return bool(self.tls_ca_file or self.tls_cert_file or self.tls_key_file)
 
     @property
     def advertise_address(self) -> str:
@@ -99,6 +110,15 @@ class NodeConfig:
         need(self.metrics_listen != "auto" or listen_port + 1000 <= 65535,
              f"metrics_listen: auto would use port {listen_port + 1000} (listen port + 1000), above 65535: "
              "give a host:port or off")
+        tls = {"tls_ca_file": self.tls_ca_file, "tls_cert_file": self.tls_cert_file, "tls_key_file": self.tls_key_file}
+        missing = [name for name, path in tls.items() if not path]
+        need(not self.tls_enabled or not missing,
+             f"{(missing or [''])[0]}: required with TLS (set all of {', '.join(tls)})")
+        need(self.tls_enabled or self.insecure,
+             "tls_cert_file: no TLS settings: set tls_ca_file, tls_cert_file and tls_key_file (see `kvstore "
+             "certs`), or insecure = true to serve plaintext without authentication")
+        need(not self.auth_tokens_file or self.tls_enabled,
+             "auth_tokens_file: bearer tokens need TLS (tls_* settings): in plaintext anyone on the path reads them")
         self.limits.validate()
         return self
 
@@ -124,6 +144,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         # many nodes per process and per machine: a test that wants metrics asks for them
         "metrics_listen": "off",
         "drain_notice_s": 0.0,
+        # in-process test nodes talk plaintext unless a test gives them tls_* files
+        "insecure": True,
     },
 }
 

@@ -60,10 +60,16 @@ class DataLoss(KvError):
 
 
 class Unauthenticated(KvError):
+    """No identity, or one the node does not know (a certificate without a kvstore identity, an
+    unknown bearer token): present a client certificate of the cluster CA or a valid token."""
+
     code_name = "UNAUTHENTICATED"
 
 
 class PermissionDenied(KvError):
+    """The caller's identity lacks the role the method needs (the message names both); never
+    says anything about the keys in the request. Ask an operator for the role."""
+
     code_name = "PERMISSION_DENIED"
 
 

@@ -81,10 +81,11 @@ def _with_progress(kv: Any, address: str, run: Callable[[], bytes], show: bool) 
 
 
 def run(args: argparse.Namespace) -> int:
+    from kvstore.cli import connect
     from kvstore.client import SyncClient
 
     address = args.address.split(",")[0]
-    with SyncClient(args.address, timeout_s=args.timeout) as kv:
+    with SyncClient(args.address, timeout_s=args.timeout, **connect.client_options(args)) as kv:
         if args.command == "decommission":
             if not _confirm(args, f"decommission the node at {address} (it streams its data away and leaves)?"):
                 return 2

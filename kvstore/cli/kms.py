@@ -32,6 +32,9 @@ def add_parser(sub: Any) -> None:
                      help="with rewrap: nodes to re-wrap (each rewrites its own records)")
     kms.add_argument("--rate", type=float, default=None, help="with rewrap: records per second per node")
     kms.add_argument("--json", action="store_true")
+    from kvstore.cli import connect
+
+    connect.add_args(kms)  # with rewrap: how to reach the nodes
 
 
 def _meta(meta: Any) -> dict[str, Any]:
@@ -99,11 +102,12 @@ def _need_version(args: argparse.Namespace) -> int:
 
 
 def _rewrap(args: argparse.Namespace) -> int:
+    from kvstore.cli import connect
     from kvstore.client import SyncClient
 
     params = {} if args.rate is None else {"rate_per_s": args.rate}
     reports = {}
-    with SyncClient(args.address, timeout_s=3600) as kv:
+    with SyncClient(args.address, timeout_s=3600, **connect.client_options(args)) as kv:
         for address in args.address.split(","):
             payload = kv.command("rewrap", params, address=address)
             reports[address] = msgpack.unpackb(payload, raw=False)

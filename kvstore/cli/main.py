@@ -37,6 +37,9 @@ def _add_client_args(p: argparse.ArgumentParser) -> None:
                    help="host:port[,host:port...] of nodes to contact (env KVSTORE_ADDRESS)")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds per request")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    from kvstore.cli import connect
+
+    connect.add_args(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--kms-keyring", help="keyring file, outside the data dir (kvstore kms init)")
     node.add_argument("--kms-root-key-file", help="0600 root key file (default: $KVSTORE_ROOT_KEY)")
     node.add_argument("--kms-key", help="the cluster KEK, id or alias (default alias/kvstore)")
+    node.add_argument("--tls-ca", help="cluster CA certificate: peers and clients need certificates it signed")
+    node.add_argument("--tls-cert", help="this node's certificate (kvstore certs issue --kind node)")
+    node.add_argument("--tls-key", help="its private key (mode 0600)")
+    node.add_argument("--auth-tokens-file", help="bearer tokens file (kvstore certs token --file)")
+    node.add_argument("--insecure", action="store_true", default=None,
+                      help="serve plaintext without authentication when no --tls-* is given")
     node.add_argument("--test-hooks", action="store_true", default=None, help=argparse.SUPPRESS)
     node.add_argument("--test-drop-writes", action="store_true", default=None, help=argparse.SUPPRESS)
     node.add_argument("--log-level", default="INFO")
@@ -116,9 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_client_args(bench)
 
     from kvstore.cli import admin as admin_cli
+    from kvstore.cli import certs as certs_cli
     from kvstore.cli import kms as kms_cli
 
     kms_cli.add_parser(sub)
+    certs_cli.add_parser(sub)
     admin_cli.add_parsers(sub, _add_client_args)
 
     locate = sub.add_parser("locate", help="which nodes replicate and store a key")
@@ -139,10 +150,11 @@ def _print_json(doc: Any) -> None:
 
 
 def run_client_command(args: argparse.Namespace) -> int:
+    from kvstore.cli import connect
     from kvstore.client import SyncClient
 
     key = args.key.encode() if hasattr(args, "key") else b""
-    with SyncClient(args.address, timeout_s=args.timeout) as kv:
+    with SyncClient(args.address, timeout_s=args.timeout, **connect.client_options(args)) as kv:
         if args.command == "put":
             if args.file is not None:
                 value = args.file.read_bytes()
@@ -266,6 +278,8 @@ def run_node(args: argparse.Namespace) -> int:
         "encryption": args.encryption, "kms_keyring": args.kms_keyring,
         "kms_root_key_file": args.kms_root_key_file, "kms_key": args.kms_key,
         "log_format": args.log_format, "metrics_listen": args.metrics_listen,
+        "tls_ca_file": args.tls_ca, "tls_cert_file": args.tls_cert, "tls_key_file": args.tls_key,
+        "auth_tokens_file": args.auth_tokens_file, "insecure": args.insecure,
     }
     try:
         config = load(args.config, args.profile, **overrides)
@@ -308,6 +322,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
     import trio
 
     from kvstore.bench import BenchConfig, dumps, format_report, run_bench
+    from kvstore.cli import connect
 
     mix = {"put": 0.0, "get": 0.0, "delete": 0.0}
     for part in args.mix.split(","):
@@ -322,7 +337,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
             tuple(args.address.split(",")), args.duration, args.ops, args.concurrency,
             mix["put"] / total, mix["get"] / total, mix["delete"] / total, args.value_size, args.keys,
             args.dist, r=args.r, w=args.w, prefill=not args.no_prefill, seed=args.seed,
-            progress=not args.json and sys.stderr.isatty(),
+            progress=not args.json and sys.stderr.isatty(), **connect.client_options(args),
         ).validate()
     except ValueError as exc:
         print(f"kvstore bench: {exc}", file=sys.stderr)
@@ -332,10 +347,40 @@ def run_bench_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _error(args: argparse.Namespace, exc: errors.KvError) -> int:
+    hint = ""
+    if isinstance(exc, errors.Unavailable) and not getattr(args, "tls_ca", None) and not getattr(args, "cluster_dir", None):
+        from kvstore.cli.connect import PLAINTEXT_HINT
+
+        hint = " " + PLAINTEXT_HINT
+    print(f"kvstore {args.command}: {type(exc).__name__}: {exc}{hint}", file=sys.stderr)
+    return EXIT_CODES.get(type(exc), EXIT_OTHER)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from kvstore.certs import CertError
+
     args = build_parser().parse_args(argv)
     if args.command == "node":
         return run_node(args)
+    if args.command == "certs":
+        from kvstore.cli import certs as certs_cli
+
+        try:
+            return certs_cli.run(args)
+        except (CertError, OSError) as exc:
+            print(f"kvstore certs {args.action}: {exc}", file=sys.stderr)
+            return 2
+    try:
+        return _run_client_side(args)
+    except CertError as exc:  # a bad TLS flag or file: a usage error
+        print(f"kvstore {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run_client_side(args: argparse.Namespace) -> int:
+    from kvstore.certs import CertError
+
     if args.command == "bench":
         return run_bench_command(args)
     if args.command in ("decommission", "abort-join", "drop-hints", "removenode", "cleanup", "repair"):
@@ -344,8 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return admin_cli.run(args)
         except errors.KvError as exc:
-            print(f"kvstore {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
-            return EXIT_CODES.get(type(exc), EXIT_OTHER)
+            return _error(args, exc)
     if args.command == "kms":
         from kvstore.cli import kms as kms_cli
 
@@ -360,8 +404,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run_client_command(args)
     except errors.KvError as exc:
-        print(f"kvstore {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return EXIT_CODES.get(type(exc), EXIT_OTHER)
+        return _error(args, exc)
+    except CertError:
+        raise
     except ValueError as exc:  # e.g. a bad --context hex
         print(f"kvstore {args.command}: {exc}", file=sys.stderr)
         return 5

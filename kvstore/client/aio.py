@@ -21,6 +21,7 @@ from kvstore.client.routing import Topology
 from kvstore.core.quorum import Level
 from kvstore.errors import DeadlineExceeded, KvError, NotFound, Unavailable
 from kvstore.node.status import error_from
+from kvstore.tls import TlsFiles, TlsMaterial, channel, client_credentials
 
 DEFAULT_MAX_MESSAGE = 64 << 20  # batches of up to 512 items; the server enforces per-value limits
 
@@ -84,7 +85,7 @@ def _never_sent(exc: KvError) -> bool:
 
 
 class _Conn:
-    def __init__(self, address: str, max_message: int) -> None:
+    def __init__(self, address: str, max_message: int, credentials: grpc.ChannelCredentials | None) -> None:
         opts = [
             ("grpc.max_send_message_length", max_message),
             ("grpc.max_receive_message_length", max_message),
@@ -93,7 +94,7 @@ class _Conn:
             ("grpc.initial_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", 1_000),
         ]
-        self.channel = grpc.insecure_channel(address, options=opts)
+        self.channel = channel(address, opts, credentials)
         self.kv = kv_pb2_grpc.KVStub(self.channel)
         self.admin = admin_pb2_grpc.AdminStub(self.channel)
 
@@ -139,7 +140,12 @@ class Client:
         coalesce: bool = True,
         ring_refresh_s: float = 5.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE,
+        tls: TlsFiles | TlsMaterial | None = None,
+        token: str | None = None,
     ) -> None:
+        """`tls`: the cluster CA and this client's certificate and key (mTLS; None: plaintext).
+        `token`: a bearer token from the nodes' tokens file (needs tls), whose identity and
+        roles then replace the certificate's."""
         self.addresses = [a for a in (addresses.split(",") if isinstance(addresses, str) else addresses) if a]
         if not self.addresses:
             raise ValueError("addresses: at least one host:port is needed")
@@ -156,6 +162,7 @@ class Client:
         self._topology_at = -1e9
         self._home: str | None = None
         self._rng = random.Random()
+        self._credentials = client_credentials(tls, token)
 
     async def __aenter__(self) -> "Client":
         return self
@@ -171,7 +178,7 @@ class Client:
     def _conn(self, address: str) -> _Conn:
         conn = self._conns.get(address)
         if conn is None:
-            conn = self._conns[address] = _Conn(address, self.max_message_bytes)
+            conn = self._conns[address] = _Conn(address, self.max_message_bytes, self._credentials)
         return conn
 
     def _options(self, strict: bool) -> kv_pb2.Options:

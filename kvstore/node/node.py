@@ -26,8 +26,10 @@ from kvstore.core.ring import Ring
 from kvstore.core.hlc import physical_ms
 from kvstore.core.records import decode_record, encode_record, siblings_from_wire
 from kvstore.core.wire import PurgeOp, ReadOp, WriteOp
+from kvstore.certs import CertError
 from kvstore.errors import InvalidArgument, KvError, PermissionDenied, ResourceExhausted, Unavailable
 from kvstore.node.api import FORWARDED_HEADER, Api
+from kvstore.node.auth import NodeSecurity, load_security
 from kvstore.node.bridge import Transport, open_transport
 from kvstore.node.coordinator import Coordinator
 from kvstore.node.elastic import Elastic
@@ -115,8 +117,9 @@ class Node:
     """One running node. Create with `await Node.start(config, nursery)` or run `serve(config)`."""
 
     def __init__(self, config: NodeConfig, transport: Transport, engine: Engine, ident: dict[str, Any],
-                 keys: Keys) -> None:
+                 keys: Keys, security: NodeSecurity | None = None) -> None:
         self.config = config
+        self.security = security or NodeSecurity(None, None)
         self.keys = keys
         self.transport = transport
         self.engine = engine
@@ -170,7 +173,8 @@ class Node:
     def peer_for_address(self, address: str) -> Peer:
         peer = self.peers.get(address)
         if peer is None:
-            peer = Peer(address, address, self.transport, self.config.limits.max_message_bytes)
+            peer = Peer(address, address, self.transport, self.config.limits.max_message_bytes,
+                        self.security.channel_credentials())
             self.peers[address] = peer
             for _ in range(2):
                 self.background.start_soon(peer.run_sender, self.config.replica_timeout_s)
@@ -183,12 +187,12 @@ class Node:
     # ---- lifecycle ----------------------------------------------------------------------
 
     async def _start_server(self) -> str:
-        node, limit, listen = self, self.config.limits.max_message_bytes, self.config.listen
+        node, limit, listen, security = self, self.config.limits.max_message_bytes, self.config.listen, self.security
 
         async def start() -> tuple[Any, int]:
-            server = make_server(node, channel_options(limit))
+            server = make_server(node, channel_options(limit), security.interceptors())
             await node.health.set(False)  # until the node is ready
-            port = server.add_insecure_port(listen)
+            port = security.add_port(server, listen)
             if port == 0:
                 raise OSError(f"cannot listen on {listen}")
             await server.start()
@@ -283,7 +287,8 @@ class Node:
                 self.gossip.set_status(Status.NORMAL)
                 await self.transport.run(self.health.set, True)
                 self.serving = True
-                log.info("node %s serving on %s (%d tokens)", self.node_id, self.address, len(self.gossip.me.tokens))
+                log.info("node %s serving on %s (%d tokens), %s", self.node_id, self.address,
+                         len(self.gossip.me.tokens), self.security.describe())
                 task_status.started(self)
             await self.stopping.wait()
             await self._drain()
@@ -792,6 +797,10 @@ class Node:
 
 async def serve(config: NodeConfig, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     """Run a node until request_stop() (or cancellation); everything is closed on return."""
+    try:
+        security = load_security(config)
+    except CertError as exc:
+        raise SystemExit(f"refusing to start: {exc}") from None
     ident = load_identity(config.data_dir, config.node_id)
     logs.node_id.set(ident["node_id"])  # every task of this node logs as it
     logs.set_process_node(ident["node_id"])
@@ -802,7 +811,7 @@ async def serve(config: NodeConfig, *, task_status: Any = trio.TASK_STATUS_IGNOR
         engine = await open_engine(config)
         try:
             async with open_transport() as transport:
-                node = Node(config, transport, engine, ident, keys)
+                node = Node(config, transport, engine, ident, keys, security)
                 await node.run(task_status=task_status)
         finally:
             with trio.CancelScope(shield=True):

@@ -23,6 +23,7 @@ from kvstore.core.wire import ReplicaOp
 from kvstore.errors import KvError, Unavailable
 from kvstore.node.bridge import Transport
 from kvstore.node.status import error_from
+from kvstore.tls import aio_channel
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +45,9 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
 class _Conn:
     """asyncio side of one peer connection. Every method runs on the transport loop."""
 
-    def __init__(self, address: str, max_message_bytes: int) -> None:
+    def __init__(self, address: str, max_message_bytes: int, credentials: grpc.ChannelCredentials | None = None) -> None:
         self.address = address
-        self.channel = grpc.aio.insecure_channel(address, options=channel_options(max_message_bytes))
+        self.channel = aio_channel(address, channel_options(max_message_bytes), credentials)
         self.internal = internal_pb2_grpc.InternalStub(self.channel)
         self.kv = kv_pb2_grpc.KVStub(self.channel)
         self.admin = admin_pb2_grpc.AdminStub(self.channel)
@@ -130,8 +131,10 @@ class Peer:
 
     _ids = itertools.count(1)
 
-    def __init__(self, node_id: str, address: str, transport: Transport, max_message_bytes: int) -> None:
+    def __init__(self, node_id: str, address: str, transport: Transport, max_message_bytes: int,
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
         self.node_id = node_id
+        self.credentials = credentials  # TLS with this node's certificate; None: plaintext
         self.address = address
         self.transport = transport
         self.max_message_bytes = max_message_bytes
@@ -146,10 +149,10 @@ class Peer:
 
     async def connect(self) -> None:
         if self.conn is None:
-            address, limit = self.address, self.max_message_bytes
+            address, limit, credentials = self.address, self.max_message_bytes, self.credentials
 
             async def make() -> _Conn:
-                return _Conn(address, limit)
+                return _Conn(address, limit, credentials)
 
             self.conn = await self.transport.run(make)
 

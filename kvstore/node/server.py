@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Sequence
 
 import grpc
 
@@ -141,12 +141,14 @@ class AdminServicer(_Base, admin_pb2_grpc.AdminServicer):
         return admin_pb2.CommandResponse(payload=payload)
 
 
-def make_server(node: Any, options: list[tuple[str, Any]]) -> grpc.aio.Server:
+def make_server(node: Any, options: list[tuple[str, Any]],
+                interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> grpc.aio.Server:
     """Build (not start) the gRPC server with every service, health and reflection included;
-    call on the transport loop."""
+    call on the transport loop. `interceptors`: the authorization check (kvstore/node/auth.py)
+    when the node runs TLS; it runs inside the observing one, so denied calls are counted too."""
     # so_reuseport off: two nodes must never silently share a port (grpc enables it by default)
     server = grpc.aio.server(options=[*options, ("grpc.so_reuseport", 0)],
-                             interceptors=[ObservingInterceptor(node.metrics, lambda: node.node_id)])
+                             interceptors=[ObservingInterceptor(node.metrics, lambda: node.node_id), *interceptors])
     kv_pb2_grpc.add_KVServicer_to_server(KVServicer(node), server)
     internal_pb2_grpc.add_InternalServicer_to_server(InternalServicer(node), server)
     admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(node), server)

@@ -5,6 +5,7 @@ acknowledged write. Then divergence made behind the cluster's back is healed by 
 from __future__ import annotations
 
 import sys
+from typing import Any
 from pathlib import Path
 
 import msgpack
@@ -20,11 +21,12 @@ pytestmark = [pytest.mark.slow, pytest.mark.chaos]
 
 
 class Load:
-    def __init__(self, addresses: list[str]) -> None:
+    def __init__(self, addresses: list[str], tls: Any) -> None:
         self.addresses, self.acked, self.stop, self.i = addresses, {}, trio.Event(), 0
+        self.tls = tls
 
     async def run(self) -> None:
-        async with Client(self.addresses, timeout_s=10) as kv:
+        async with Client(self.addresses, timeout_s=10, tls=self.tls) as kv:
             while not self.stop.is_set():
                 batch = [(b"load-%07d" % (self.i + j), b"l%d" % (self.i + j)) for j in range(100)]
                 self.i += 100
@@ -36,7 +38,7 @@ class Load:
 
 async def check(c: LocalCluster, acked: dict[bytes, bytes], names: list[str], sample_every: int = 25) -> None:
     live = [c.node(name).address for name in names]
-    async with Client(live, timeout_s=20) as kv:
+    async with Client(live, timeout_s=20, tls=c.tls()) as kv:
         for address in live:
             await kv.command("cleanup", {}, address=address, timeout_s=120)
         keys = list(acked)
@@ -60,12 +62,12 @@ async def check(c: LocalCluster, acked: dict[bytes, bytes], names: list[str], sa
 async def test_grow_and_shrink_under_load_then_repair(tmp_path: Path) -> None:
     with LocalCluster(tmp_path / "c", base_port=free_base_port(), profile="test") as c:
         await trio.to_thread.run_sync(c.up, 3)
-        async with Client(c.addresses(), timeout_s=20) as kv:
+        async with Client(c.addresses(), timeout_s=20, tls=c.tls()) as kv:
             base = {b"base-%06d" % i: b"b%d" % i for i in range(20_000)}
             items = list(base.items())
             for i in range(0, len(items), 2000):
                 assert all(isinstance(r, bytes) for r in await kv.put_many(items[i:i + 2000]))
-        load = Load(c.addresses())
+        load = Load(c.addresses(), c.tls())
         async with trio.open_nursery() as nursery:
             nursery.start_soon(load.run)
             await trio.to_thread.run_sync(c.add_node)
@@ -74,16 +76,16 @@ async def test_grow_and_shrink_under_load_then_repair(tmp_path: Path) -> None:
         await check(c, {**base, **load.acked}, ["n1", "n2", "n3", "n4", "n5"])
 
         # shrink: decommission n5 and remove a killed n4, still under load
-        load2 = Load([c.node(name).address for name in ("n1", "n2", "n3")])
+        load2 = Load([c.node(name).address for name in ("n1", "n2", "n3")], c.tls())
         async with trio.open_nursery() as nursery:
             nursery.start_soon(load2.run)
-            async with Client(c.addresses(), timeout_s=120) as kv:
+            async with Client(c.addresses(), timeout_s=120, tls=c.tls()) as kv:
                 report = msgpack.unpackb(await kv.command("decommission", {}, address=c.node("n5").address,
                                                           timeout_s=120))
                 assert report["streamed"] > 0
             c.kill("n4")
             await trio.sleep(2.0)  # failure detector marks n4 down
-            async with Client([c.node("n1").address], timeout_s=120) as kv:
+            async with Client([c.node("n1").address], timeout_s=120, tls=c.tls()) as kv:
                 report = msgpack.unpackb(await kv.command("removenode", {"node_id": "n4"}, timeout_s=120))
                 assert report["removed"] == "n4"
             load2.stop.set()
@@ -101,7 +103,7 @@ async def test_grow_and_shrink_under_load_then_repair(tmp_path: Path) -> None:
         assert int(proc.stdout) > 0
         await trio.to_thread.run_sync(lambda: c.restart(victim, wait=False))
         await trio.to_thread.run_sync(lambda: c.wait_converged(30, ["n1", "n2", "n3"]))
-        async with Client(c.addresses(), timeout_s=120) as kv:
+        async with Client(c.addresses(), timeout_s=120, tls=c.tls()) as kv:
             address = c.node(victim).address
             report = msgpack.unpackb(await kv.command("repair", {}, address=address, timeout_s=120))
             assert report["state"] == "done" and report["keys_pulled"] > 0

@@ -175,3 +175,27 @@ async def test_a_taken_port_is_refused_before_starting_a_node_there(tmp_path: Pa
         with pytest.raises(ClusterError, match=f"port {c.base_port + 1} .* is taken"):
             await trio.to_thread.run_sync(c.up, 2)
     assert processes_under(c.root) == []
+
+
+async def test_mtls_by_default_and_plaintext_only_when_insecure(tmp_path: Path) -> None:
+    import grpc
+
+    from cluster.launcher import status_of
+
+    with LocalCluster(tmp_path / "tls", base_port=free_base_port(), profile="test") as c:
+        await trio.to_thread.run_sync(c.up, 1)
+        address = c.addresses()[0]
+        assert status_of(address, credentials=c.credentials())["node_id"] == "n1"
+        with pytest.raises(grpc.RpcError) as refused:
+            status_of(address)  # plaintext
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert c.tls().identity.roles == {"read", "write", "admin"}
+        assert (c.root / "certs" / "n1.key").stat().st_mode & 0o777 == 0o600
+        env = c.write_env_file().read_text()
+        assert f"KVSTORE_ADDRESS={address}" in env and f"KVSTORE_CLUSTER_DIR={c.root}" in env
+        assert LocalCluster.open(c.root).insecure is False
+    with LocalCluster(tmp_path / "plain", base_port=free_base_port(), profile="test", insecure=True) as c:
+        await trio.to_thread.run_sync(c.up, 1)
+        assert status_of(c.addresses()[0])["node_id"] == "n1"
+        assert c.tls() is None and not (c.root / "certs").exists()
+        assert LocalCluster.open(c.root).insecure is True

@@ -28,15 +28,15 @@ def test_metrics_are_on_by_default_and_off_in_the_test_profile() -> None:
 ])
 def test_bad_metrics_addresses_are_refused_naming_the_field(value: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        profile("lan", metrics_listen=value).validate()
+        profile("lan", metrics_listen=value, insecure=True).validate()
 
 
 def test_auto_refuses_a_listen_port_whose_metrics_port_would_not_exist() -> None:
     with pytest.raises(ValueError, match="metrics_listen: auto would use port 65600"):
-        profile("lan", listen="127.0.0.1:64600").validate()
-    assert profile("lan", listen="127.0.0.1:64600", metrics_listen="off").validate()
+        profile("lan", listen="127.0.0.1:64600", insecure=True).validate()
+    assert profile("lan", listen="127.0.0.1:64600", metrics_listen="off", insecure=True).validate()
 
 
 def test_drain_notice_must_not_be_negative() -> None:
     with pytest.raises(ValueError, match="drain_notice_s: must be >= 0"):
-        profile("lan", drain_notice_s=-1.0).validate()
+        profile("lan", drain_notice_s=-1.0, insecure=True).validate()

@@ -78,7 +78,7 @@ def test_validate_names_the_bad_field(change: dict, message: str) -> None:
 
 def test_toml_file_then_flags(tmp_path: Path) -> None:
     path = tmp_path / "node.toml"
-    path.write_text('profile = "local"\nlisten = "127.0.0.1:7100"\nseeds = ["127.0.0.1:7000"]\n'
+    path.write_text('profile = "local"\nlisten = "127.0.0.1:7100"\nseeds = ["127.0.0.1:7000"]\ninsecure = true\n'
                     '[limits]\nmax_value_bytes = 2048\n')
     cfg = config.load(path, None, listen="127.0.0.1:7200")
     assert cfg.listen == "127.0.0.1:7200"
