@@ -7,7 +7,10 @@ What it checks (DESIGN.md section 10; modelled on Jepsen's checkers and etcd's r
                       operation can have superseded it. A write with context C supersedes exactly
                       the values the read that produced C returned; a blind write (no context)
                       supersedes whatever its coordinator held, so it may have superseded any value
-                      whose write began before the blind write ended.
+                      whose write began before the blind write ended (for a blind write of unknown
+                      outcome: before EFFECT_WINDOW_S after it began, not for the rest of the run).
+  unverified-write    a write acknowledged at W >= QUORUM that must survive, on a key no final read
+                      covered: unchecked is not valid.
   phantom             a read returned a value no write of that key ever carried.
   failed-write-visible  a read returned the value of a write that certainly failed.
   read-before-write   a read returned a value before the write carrying it began.
@@ -35,9 +38,11 @@ from typing import Any, Iterable
 from cluster.history import (AFTER_READS, ANTI_ENTROPY, CAS, DELETE, FAIL, INFO, INVOKE, OK, PHASES, READ, SETTLED,
                              WRITE, History, Op, show)
 
-VIOLATION_KINDS = ("node-crashed", "lost-write", "phantom", "failed-write-visible", "read-before-write", "resurrected",
+VIOLATION_KINDS = ("node-crashed", "lost-write", "unverified-write", "phantom", "failed-write-visible", "read-before-write", "resurrected",
                    "superseded-visible", "final-read-failed", "divergent-reads", "divergent-after-anti-entropy",
                    "divergent-replicas")
+EFFECT_WINDOW_S = 30.0  # an op of unknown outcome took effect within this of its start (deadlines are
+                        # 3-6 s; a paused coordinator resumes within the longest pause fault, 8 s)
 WARNING_KINDS = ("lost-weak-write", "diverged-after-settling", "incomplete-final-state", "nemesis-note")
 
 
@@ -61,11 +66,12 @@ class Completed:
     values: list[bytes] | None = None
     error: str = ""
 
-    @property
-    def end(self) -> float:
-        """When the op's effect is known to be over: its completion, or never (info may land late)."""
+    def effect_end(self, window_s: float) -> float:
+        """When the op's effect is known to be over: its completion; for an op of unknown
+        outcome, `window_s` after it began (a coordinator stamps a write within its deadlines, and
+        what a stamp supersedes is fixed then, however late its replicas or hints land)."""
         if self.outcome == INFO or self.complete_time is None:
-            return math.inf
+            return self.invoke_time + window_s
         return self.complete_time
 
     def describe(self) -> str:
@@ -174,8 +180,9 @@ def quorum_or_stronger(level: str, n: int) -> bool:
 # ---- the check ------------------------------------------------------------------------------------
 
 
-def check(history: History, *, n: int | None = None) -> CheckResult:
+def check(history: History, *, n: int | None = None, effect_window_s: float | None = None) -> CheckResult:
     n = n or int(history.meta.get("replication_factor", 3))
+    window_s = effect_window_s or float(history.meta.get("effect_window_s", EFFECT_WINDOW_S))
     ops = completed_ops(history.ops)
     violations: list[Violation] = []
     warnings: list[Violation] = []
@@ -229,7 +236,7 @@ def check(history: History, *, n: int | None = None) -> CheckResult:
         if hit is not None:
             return hit
         for b in blind_by_key.get(w.key, ()):
-            if b.id != w.id and w.invoke_time < b.end:
+            if b.id != w.id and w.invoke_time < b.effect_end(window_s):
                 return b
         return None
 
@@ -240,6 +247,7 @@ def check(history: History, *, n: int | None = None) -> CheckResult:
             after_repair[rs.key].append(rs)
     checked = expected = superseded = weak_checked = 0
     unchecked: set[bytes] = set()
+    unread_strong: dict[bytes, Completed] = {}
     for w in writes:
         key, v = w.key, w.value
         assert v is not None
@@ -264,6 +272,8 @@ def check(history: History, *, n: int | None = None) -> CheckResult:
         if not verifiable:
             if key not in final_errors:
                 unchecked.add(key)
+                if strong:
+                    unread_strong.setdefault(key, w)
             continue  # else reported as final-read-failed below
         if not present:
             holders = _holders(after_repair, key, v)
@@ -287,6 +297,11 @@ def check(history: History, *, n: int | None = None) -> CheckResult:
         elif ev.type == "note":
             warnings.append(Violation("nemesis-note", b"", f"at {ev.time:.1f}s: {ev.detail}"))
 
+    # an acknowledged write nobody could check is not a pass: a run that reads nothing back
+    # after healing (or skips a key) must not come out valid
+    for key, w in sorted(unread_strong.items()):
+        violations.append(Violation("unverified-write", key, f"{w.describe()} must survive, but its key was "
+                                    "never read after healing", [w.id]))
     if not history.final.reads:
         warnings.append(Violation("incomplete-final-state", b"", "no final reads: lost writes were not checked"))
     if unchecked and history.final.reads:

@@ -151,12 +151,33 @@ def test_blind_write_may_supersede_writes_that_began_before_it_ended() -> None:
     assert kinds(h) == ["lost-write"]
 
 
-def test_blind_write_of_unknown_outcome_may_land_any_time_later() -> None:
+def test_blind_write_of_unknown_outcome_may_land_after_it_timed_out() -> None:
     h = H()
     h.write(b"k", b"b1", 0.5, 0.6, outcome=INFO, blind=True, error="Unavailable: w: got 1 of 2")
     h.write(b"k", b"v1", 1.0, 1.2)
     h.final(b"k", [b"b1"])
     assert check(h.h).valid
+
+
+def test_blind_op_of_unknown_outcome_does_not_excuse_losses_long_after_it() -> None:
+    # its coordinator stamped it within its deadlines: a write acknowledged 99 s later is not covered
+    h = H()
+    h.op(DELETE, b"k", 1.0, 1.5, INFO, blind=True, error="DeadlineExceeded")
+    h.write(b"k", b"late", 100.0)
+    h.read(b"k", [b"late"], 101.0)
+    h.final(b"k", [])
+    assert kinds(h) == ["lost-write"]
+
+
+def test_acknowledged_write_on_a_key_no_final_read_covered_is_not_valid() -> None:
+    h = H()
+    h.write(b"k1", b"v1", 1.0)
+    h.write(b"k2", b"v2", 1.0)
+    h.final(b"k1", [b"v1"])  # k2 was never read back
+    assert kinds(h) == ["unverified-write"]
+    nothing = H()
+    nothing.write(b"k", b"v", 1.0)  # no final phase at all
+    assert kinds(nothing) == ["unverified-write"]
 
 
 def test_insert_to_a_fresh_key_must_survive() -> None:
