@@ -104,12 +104,16 @@ def context_of(siblings: Iterable[Sibling]) -> dict[str, int]:
     return join(s.clock() for s in siblings)
 
 
-def next_counter(local: Sequence[Sibling], node: str, context: VersionVector) -> int:
-    """A counter for a new write by `node`, above every event of `node` known for this key."""
+def next_counter(local: Sequence[Sibling], node: str, context: VersionVector, floor: int = 0) -> int:
+    """A counter for a new write by `node`, above every event of `node` known for this key, and
+    at least `floor`. The coordinator passes its clock in ms as the floor: what it knows of a
+    key can be gone (tombstones purged, ranges cleaned up and back, a replica restored), and a
+    counter derived from the local copy alone would then reuse a dot that an old tombstone's
+    vector still covers, silently deleting the new write on every replica that meets it."""
     known = context.get(node, 0)
     for s in local:
         known = max(known, s.vv.get(node, 0), s.counter if s.node == node else 0)
-    return known + 1
+    return max(known + 1, floor)
 
 
 def stamp(
@@ -119,13 +123,14 @@ def stamp(
     value: bytes | None,
     hlc: int,
     expires_at_ms: int = 0,
+    counter_floor: int = 0,
 ) -> tuple[Sibling, list[Sibling]]:
     """A new write through coordinator `node`: returns (the new sibling, the merged set to store).
 
     `local` must be the coordinator's current siblings for the key, read in the same serial step
     that stores the result, so two concurrent writes can never share a dot.
     """
-    new = Sibling(node, next_counter(local, node, context), dict(context), value, hlc, expires_at_ms)
+    new = Sibling(node, next_counter(local, node, context, counter_floor), dict(context), value, hlc, expires_at_ms)
     return new, merge(local, [new])
 
 

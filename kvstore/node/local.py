@@ -81,7 +81,7 @@ class LocalStore:
                 if self.members is not None:
                     context = versions.prune(context, self.members(), self.limits.max_vv_entries)
                 new, merged = versions.stamp(
-                    local, self.node_id, context, st.value, st.hlc, st.expires_at_ms
+                    local, self.node_id, context, st.value, st.hlc, st.expires_at_ms, counter_floor=now_ms
                 )
                 self._check_siblings(st.key, merged)
                 if new.value is not None:  # sealed here, where the dot (part of the AAD) is known

@@ -160,3 +160,20 @@ def test_pruning_can_only_add_a_sibling_never_lose_a_write() -> None:
     new, current = versions.stamp(on_gone, "a", versions.prune(ctx, {"a"}, 0), b"new", 2)
     merged = versions.merge(current, on_gone)
     assert b"new" in [s.value for s in merged]  # the new write survives a stale replica
+
+
+def test_a_write_after_its_key_was_purged_locally_is_not_covered_by_an_old_tombstone() -> None:
+    # x written and deleted through A; A purged the tombstone, a replica that failed to purge kept it
+    x, after_x = versions.stamp([], "A", {}, b"x", hlc=1, counter_floor=1_000)
+    tomb, _ = versions.stamp(after_x, "A", versions.context_of(after_x), None, hlc=2, counter_floor=1_001)
+    # later (A's clock moved on) a blind put through A finds nothing locally
+    y, stored = versions.stamp([], "A", {}, b"y", hlc=3, counter_floor=5_000)
+    assert y.dot not in {x.dot, tomb.dot}
+    # the new write survives meeting the old tombstone (read repair, anti-entropy)
+    assert b"y" in [s.value for s in versions.merge(stored, [tomb])]
+
+
+def test_counters_stay_above_what_the_key_has_seen_even_with_a_floor() -> None:
+    first, stored = versions.stamp([], "A", {}, b"1", hlc=1, counter_floor=10)
+    second, _ = versions.stamp(stored, "A", versions.context_of(stored), b"2", hlc=2, counter_floor=10)
+    assert (first.counter, second.counter) == (10, 11)  # two writes within one ms still differ
