@@ -302,7 +302,10 @@ def test_the_check_guards_sync_async_unary_and_streaming_handlers_alike(pki: Pki
         yield b"sync-stream"
 
     async def main() -> list[tuple[str, str, str]]:
-        with ThreadPoolExecutor(2) as pool:
+        # the pool is shut down from another thread while the loop runs: a worker may still be
+        # handing a finished sync handler's reply to the loop, and would wait for it forever
+        pool = ThreadPoolExecutor(2)
+        try:
             server = grpc.aio.server(interceptors=[AuthInterceptor(Authorizer())], migration_thread_pool=pool)
             server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("kvstore.v1.Admin", {
                 "Command": grpc.unary_unary_rpc_method_handler(async_unary),      # needs admin
@@ -330,6 +333,8 @@ def test_the_check_guards_sync_async_unary_and_streaming_handlers_alike(pki: Pki
             finally:
                 await server.stop(0)
             return out
+        finally:
+            await asyncio.get_running_loop().run_in_executor(None, pool.shutdown)
 
     results = asyncio.run(main())
     assert results == [
