@@ -263,7 +263,12 @@ class Node:
             metrics_at = metrics_address(self.config.metrics_listen, self.config.listen)
             if metrics_at is not None:
                 self.metrics_server.start(metrics_at)
-            me = NodeState(self.node_id, self.address, self.now_ms(), 0, Status.JOINING, (), self.config.zone, {})
+            # a generation above every earlier one of this node, even if the clock went back
+            # meanwhile: peers ignore a state whose generation is not newer than what they hold
+            generation = max(self.now_ms(), int(self.ident.get("generation", 0)) + 1)
+            self.ident["generation"] = generation
+            self.save_identity()
+            me = NodeState(self.node_id, self.address, generation, 0, Status.JOINING, (), self.config.zone, {})
             self.gossip = Gossip(me, self.config.seeds, self.config.gossip_interval_s,
                                  self._gossip_call, self.rng, self.config.phi_threshold)
             self.hint_counts = await self.engine.hint_counts()

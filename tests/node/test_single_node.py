@@ -207,3 +207,19 @@ async def test_stop_while_busy_drains_and_leaves_no_threads(nodes) -> None:
     async with nodes.client(again) as kv:
         got = await kv.get_many(acked)
     assert [g.value for g in got] == [b"v"] * len(acked)
+
+
+async def test_a_restart_takes_a_newer_generation_even_when_the_clock_went_back(nodes, tmp_path) -> None:
+    import json
+
+    node = await nodes.start("g1", storage="sqlite")
+    first = node.gossip.me.generation
+    await nodes.stop(node)
+    ident_file = tmp_path / "g1" / "node.json"
+    ident = json.loads(ident_file.read_text())
+    assert ident["generation"] == first
+    ahead = first + 3_600_000  # as if the previous run's clock was an hour ahead of this one
+    ident["generation"] = ahead
+    ident_file.write_text(json.dumps(ident))
+    again = await nodes.start("g1", storage="sqlite")
+    assert again.gossip.me.generation == ahead + 1  # peers would ignore anything not newer
