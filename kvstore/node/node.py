@@ -34,6 +34,7 @@ from kvstore.node.elastic import Elastic
 from kvstore.node.repair import Repair
 from kvstore.node.gossip import Gossip
 from kvstore.node.keys import Keys
+from kvstore.node.limits import Admission
 from kvstore.node.local import LocalStore
 from kvstore.node.peers import Peer, channel_options
 from kvstore.node.server import make_server
@@ -129,6 +130,7 @@ class Node:
         self.elastic = Elastic(self)
         self.repairer = Repair(self)
         self.api = Api(self)
+        self.admission = Admission(config)       # counters live on the transport loop
         self.peers: dict[str, Peer] = {}          # by address
         self.hint_counts: dict[str, int] = {}
         self.address = ""
@@ -703,6 +705,7 @@ class Node:
             "stream": {k: v for k, v in self.elastic.progress.items() if k != "started"},
             "repair": dict(self.repairer.progress),
             "repaired_at_ms": self.ident.get("repaired_at_ms", 0),
+            "admission": self.admission.snapshot(),
         }
 
     async def status_response(self) -> admin_pb2.StatusResponse:
