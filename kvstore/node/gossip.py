@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import random
+import time
+from dataclasses import replace
 from typing import Any, Awaitable, Callable
 
 import trio
@@ -75,7 +77,7 @@ class Gossip:
     # ---- receiving ------------------------------------------------------------------------
 
     def _merge(self, states: list[NodeState]) -> None:
-        res = mb.merge_states(self.table, states, self.me.node_id)
+        res = mb.merge_states(self.table, states, self.me.node_id, int(time.time() * 1000))
         self.table = dict(res.table)
         now = trio.current_time()
         for node_id in res.changed:
@@ -93,8 +95,15 @@ class Gossip:
                 log.error("this node (%s) was removed from the cluster: stopping; rejoin only with a "
                           "wiped data directory", self.me.node_id)
                 self.removed_self.set()
-            elif about_self.generation > self.me.generation:
-                log.error("another process claims node id %s with a newer generation", self.me.node_id)
+            else:
+                # A state of this node that outranks its own: an old process, an id clash, or a
+                # forged state. This node is authoritative for itself: it re-asserts its state in
+                # a newer generation, which outranks the other everywhere within a few rounds.
+                log.error("a state of this node (%s) outranks its own (generation %d, heartbeat %d, "
+                          "from %s): re-asserting; if another process uses this id, stop one",
+                          self.me.node_id, about_self.generation, about_self.heartbeat, about_self.address)
+                generation = max(self.me.generation, about_self.generation) + 1
+                self.set_me(replace(self.me, generation=generation, heartbeat=0))
         if res.changed:
             self._refresh()
 
