@@ -13,6 +13,7 @@ from typing import Any, Callable
 import grpc
 
 from kvstore.errors import DeadlineExceeded, InvalidArgument, KvError
+from kvstore.node.api import FORWARDED_HEADER
 from kvstore.node.limits import Admission
 from kvstore.node.status import code_of, message_of
 
@@ -101,8 +102,11 @@ class Gate:
             remaining = context.time_remaining()
             # grpc reports "no deadline" as None or as a huge number, depending on the version
             timeout = default if remaining is None or remaining > 1e9 else max(remaining, 0.0)
+            # a peer forwarding requests carries many clients on one connection: only the node
+            # budgets apply to it (the coordinating node already admitted each client)
+            forwarded = any(k == FORWARDED_HEADER for k, _ in (context.invocation_metadata() or ()))
             try:
-                ticket = admission.admit(pool, context.peer() or "", request.ByteSize())
+                ticket = admission.admit(pool, "" if forwarded else (context.peer() or "?"), request.ByteSize())
             except KvError as exc:
                 await _abort(context, exc)
             try:

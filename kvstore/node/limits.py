@@ -5,7 +5,8 @@ RESOURCE_EXHAUSTED instead of queueing it: latency stays bounded and refused cal
 
 Pools, each with its own budget so one kind of traffic cannot starve another:
   client    KV (every method), Admin.Locate, Admin.Command: per node, per connection
-            (grpc's `context.peer()`, one entry per client TCP connection) and by request bytes
+            (grpc's `context.peer()`, one entry per client TCP connection; requests a peer
+            forwards are exempt, as one peer connection carries many clients) and by bytes
   internal  Internal.Call (gossip, hint acks, repair trees): per node; gossip must get through
             when the node is busy with clients (LESSONS: flapping detection under load)
   health    Admin.Status: a small budget of its own, so a client flood cannot starve health checks
@@ -56,7 +57,7 @@ class Admission:
                 self._refuse(pool, f"{used} requests in flight, the limit of max_concurrent_requests "
                                    f"is {self.max_requests}")
             mine = self.by_connection.get(connection, 0)
-            if mine >= self.max_per_connection:
+            if connection and mine >= self.max_per_connection:  # "": forwarded by a peer
                 self._refuse(pool, f"{mine} requests in flight on this connection, the limit of "
                                    f"max_concurrent_requests_per_connection is {self.max_per_connection}")
             # one request bigger than the whole budget still gets in when nothing else is in flight

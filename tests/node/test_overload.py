@@ -153,3 +153,29 @@ async def test_request_without_deadline_gets_the_node_default(nodes) -> None:
 def test_limit_settings_are_validated(field: str, value: Any, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         NodeConfig(**{field: value}).validate()
+
+
+async def test_requests_a_peer_forwards_share_no_per_connection_budget(nodes) -> None:
+    # every client stays within its own budget of 2; n1 forwards all of them to n2 over one
+    # connection, which would be 8 at once on that connection
+    n1, n2 = await nodes.cluster(2, max_concurrent_requests_per_connection=2)
+    keys = [k for k in (b"fwd-%d" % i for i in range(400)) if n1.ring().preference_list(k, 1) == ["n2"]][:40]
+    channels = [_channel(n1.address) for _ in range(4)]
+    outcomes: list[Any] = []
+    try:
+        async def client(channel: grpc.Channel, mine: list[bytes]) -> None:
+            stub = kv_pb2_grpc.KVStub(channel)
+            for i in range(0, len(mine), 2):
+                futures = [stub.Put.future(kv_pb2.PutRequest(key=k, value=b"v", options=kv_pb2.Options(n=1)),
+                                           timeout=30) for k in mine[i:i + 2]]
+                outcomes.extend([await _finish(f) for f in futures])
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                for c, channel in enumerate(channels):
+                    nursery.start_soon(client, channel, keys[c::4])
+    finally:
+        for channel in channels:
+            channel.close()
+    errors = [o for o in outcomes if isinstance(o, grpc.RpcError)]
+    assert len(outcomes) == len(keys) and not errors, [e.details() for e in errors]
