@@ -161,6 +161,8 @@ class NodeState:
             isinstance(t, int) and 0 <= t <= _U64 for t in tokens
         ):
             raise ValueError("tokens must be at most 4096 integers in 0..2^64-1")
+        if len(set(tokens)) != len(tokens):
+            raise ValueError("tokens must be distinct")
         if not isinstance(zone, str) or len(zone) > 128 or not isinstance(app, dict):
             raise ValueError("zone must be a short string and app a map")
         try:

@@ -9,7 +9,7 @@ import grpc
 import msgpack
 import trio
 
-from kvstore._proto import internal_pb2
+from kvstore._proto import internal_pb2, kv_pb2
 from kvstore.core.membership import Status
 
 U64 = (1 << 64) - 1
@@ -80,3 +80,44 @@ async def test_a_node_outranked_by_a_forged_state_of_itself_reasserts(nodes) -> 
     seen = n1.gossip.table["n2"]
     assert (seen.status, seen.tokens) == (Status.NORMAL, real.tokens) and seen.generation > real.generation
     await nodes.converged([n1, n2])
+
+
+async def test_forged_context_with_a_huge_counter_is_invalid_argument(nodes) -> None:
+    node = await nodes.start()
+    forged = msgpack.packb([1, {"n1": U64}])
+    req = kv_pb2.PutRequest(key=b"k", value=b"v", context=forged).SerializeToString()
+    result = await trio.to_thread.run_sync(_call, node.address, "/kvstore.v1.KV/Put", req)
+    assert isinstance(result, grpc.RpcError) and result.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert result.details() == f"context: counter {U64} of node 'n1' exceeds the limit of 2^53"
+    async with nodes.client(node) as kv:  # the key was not bricked
+        await kv.put(b"k", b"fine")
+        assert (await kv.get(b"k")).value == b"fine"
+
+
+async def test_replica_write_with_the_last_counter_costs_only_writes_of_that_key(nodes) -> None:
+    node = await nodes.start()
+    # a peer's replica write with counter 2^64-1 for this node: the next local write of the key
+    # has no counter left and must say so, not fail to pack 2^64 (INTERNAL)
+    op = ["w", b"brick", [["n1", U64, {}, 1, 0, None]], ""]
+    frame = internal_pb2.Frame(payload=msgpack.packb([1, 9, [op]])).SerializeToString()
+    replies = await trio.to_thread.run_sync(_stream, node.address, [frame])
+    assert msgpack.unpackb(internal_pb2.Frame.FromString(replies[0]).payload) == [1, 9, [[0, None]]]
+    req = kv_pb2.PutRequest(key=b"brick", value=b"v").SerializeToString()
+    result = await trio.to_thread.run_sync(_call, node.address, "/kvstore.v1.KV/Put", req)
+    assert isinstance(result, grpc.RpcError) and result.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "version counter of node n1 on this key is at its limit" in result.details()
+    async with nodes.client(node) as kv:
+        await kv.put(b"other", b"fine")
+        assert (await kv.get(b"other")).value == b"fine"
+
+
+async def test_gossiped_tokens_listed_twice_are_refused_not_a_crash(nodes) -> None:
+    n1, n2 = await nodes.cluster(2)
+    forged = ["fake", "127.0.0.1:1", int(time.time() * 1000), 1, "normal", [5, 5], "", {}]
+    for kind, body in (("gossip-ack", [forged]), ("rereplicate", forged)):
+        payload = internal_pb2.Frame(payload=msgpack.packb([1, kind, body])).SerializeToString()
+        reply = await trio.to_thread.run_sync(_call, n1.address, "/kvstore.v1.Internal/Call", payload)
+        assert msgpack.unpackb(internal_pb2.Frame.FromString(reply).payload)[1:] == [
+            3, f"{'gossip states' if kind == 'gossip-ack' else 'rereplicate'}: tokens must be distinct"]
+    assert "fake" not in n1.gossip.table
+    await nodes.converged([n1, n2])  # gossip rounds still run

@@ -367,3 +367,9 @@ def test_more_heartbeats_than_rounds_since_the_generation_is_refused() -> None:
     assert merge_states({"n2": real}, [beaten], "n1", now).table["n2"] == beaten
     # without a clock (the simulation, pure callers) nothing changes
     assert merge_states({"n2": real}, [forged], "n1").table["n2"] == forged
+
+
+def test_a_gossiped_state_listing_a_token_twice_is_malformed() -> None:
+    wire = ["n2", "10.0.0.2:7000", 1, 1, "normal", [5, 5], "", {}]
+    with pytest.raises(ValueError, match="tokens must be distinct"):
+        NodeState.from_wire(wire)

@@ -1,7 +1,7 @@
 """Dotted version vectors: merge laws, sibling survival, stamping, against a naive model."""
 from __future__ import annotations
 
-
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -160,3 +160,14 @@ def test_pruning_can_only_add_a_sibling_never_lose_a_write() -> None:
     new, current = versions.stamp(on_gone, "a", versions.prune(ctx, {"a"}, 0), b"new", 2)
     merged = versions.merge(current, on_gone)
     assert b"new" in [s.value for s in merged]  # the new write survives a stale replica
+
+
+def test_no_counter_left_is_a_precise_error_not_an_unpackable_dot() -> None:
+    from kvstore.core.versions import MAX_COUNTER, next_counter
+    from kvstore.errors import ResourceExhausted
+
+    last = Sibling("n1", MAX_COUNTER, {}, b"v", 1)
+    assert next_counter([Sibling("n1", MAX_COUNTER - 1, {}, b"v", 1)], "n1", {}) == MAX_COUNTER
+    with pytest.raises(ResourceExhausted, match="version counter of node n1 on this key is at its limit"):
+        next_counter([last], "n1", {})
+    assert next_counter([last], "n2", {}) == 1  # other coordinators are unaffected
