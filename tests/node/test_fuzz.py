@@ -157,6 +157,8 @@ def _check_intact(c: Cluster) -> None:
             time.sleep(0.1)
         assert same, f"{node.node_id} sees {real}, expected {expected}"
         assert all(v[1] is Status.NORMAL for v in real.values())
+        # no forged member took a share of the ring (new members are admitted only after a ping)
+        assert set(c.on_trio(lambda: node.ring().node_ids)) == {"n1", "n2"}
 
 
 # ---- calling and judging ------------------------------------------------------------------------

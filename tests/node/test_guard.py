@@ -121,3 +121,22 @@ async def test_gossiped_tokens_listed_twice_are_refused_not_a_crash(nodes) -> No
             3, f"{'gossip states' if kind == 'gossip-ack' else 'rereplicate'}: tokens must be distinct"]
     assert "fake" not in n1.gossip.table
     await nodes.converged([n1, n2])  # gossip rounds still run
+
+
+async def test_a_relayed_member_that_does_not_answer_as_itself_never_enters_the_ring(nodes) -> None:
+    n1, n2 = await nodes.cluster(2)
+    now = int(time.time() * 1000)
+    ghosts = [["ghost", "127.0.0.1:1", now, 3, "normal", [11, 12], "", {}],       # nobody listens
+              ["twin", n2.address, now, 3, "normal", [13, 14], "", {}]]           # n2 answers there
+    payload = internal_pb2.Frame(payload=msgpack.packb([1, "gossip-ack", ghosts])).SerializeToString()
+    await trio.to_thread.run_sync(_call, n1.address, "/kvstore.v1.Internal/Call", payload)
+    assert set(n1.gossip.candidates) == {"ghost", "twin"}
+    deadline = time.monotonic() + 10
+    while "twin" in n1.gossip.candidates:  # pinged at n2's address, answered "n2": dropped
+        assert time.monotonic() < deadline
+        await trio.sleep(0.05)
+    assert set(n1.gossip.table) == {"n1", "n2"} and set(n1.ring().node_ids) == {"n1", "n2"}
+    # a real joiner is admitted as soon as it answers its ping
+    n3 = await nodes.start("n3", seeds=(n2.address,))
+    await nodes.converged([n1, n2, n3])
+    assert "ghost" not in n1.ring().node_ids
