@@ -17,8 +17,8 @@ from kvstore.node.api import FORWARDED_HEADER
 from kvstore.node.limits import Admission
 from kvstore.node.status import code_of, message_of
 
-#: beyond its own deadline, how long a KV request may take before the gate cuts it: the API
-#: answers at the deadline by itself (with acks got/needed), this is only a backstop
+#: beyond the default deadline, how long a KV request sent without one may take before the gate
+#: cuts it: the API answers at that deadline by itself (with acks got/needed); this is a backstop
 KV_BACKSTOP_SLACK_S = 1.0
 
 HEALTH_METHODS = frozenset({"/kvstore.v1.Admin/Status"})
@@ -100,8 +100,9 @@ class Gate:
             if isinstance(request, Malformed):
                 await _abort(context, request.error())
             remaining = context.time_remaining()
-            # grpc reports "no deadline" as None or as a huge number, depending on the version
-            timeout = default if remaining is None or remaining > 1e9 else max(remaining, 0.0)
+            # grpc reports "no deadline" as None or as a huge number, depending on the version;
+            # a deadline the client set is enforced by grpc itself (it cancels this handler)
+            own_deadline = remaining is not None and remaining <= 1e9
             # a peer forwarding requests carries many clients on one connection: only the node
             # budgets apply to it (the coordinating node already admitted each client)
             forwarded = any(k == FORWARDED_HEADER for k, _ in (context.invocation_metadata() or ()))
@@ -110,12 +111,11 @@ class Gate:
             except KvError as exc:
                 await _abort(context, exc)
             try:
-                async with asyncio.timeout(timeout + slack):
+                async with asyncio.timeout(None if own_deadline else default + slack):
                     return await behavior(request, context)
             except TimeoutError:
                 await _abort(context, DeadlineExceeded(
-                    f"deadline: no answer within {timeout:.3g}s "
-                    f"({'the request' if remaining is not None and remaining <= 1e9 else 'the node default'})"))
+                    f"deadline: no answer within {default:.3g}s (the node default for requests sent without one)"))
             finally:
                 admission.release(ticket)
 

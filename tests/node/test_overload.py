@@ -137,7 +137,7 @@ async def test_request_without_deadline_gets_the_node_default(nodes) -> None:
         channel.close()
     assert isinstance(reply, grpc.RpcError)
     assert reply.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert "no answer within 0.5s (the node default)" in reply.details()
+    assert reply.details() == "deadline: no answer within 0.5s (the node default for requests sent without one)"
     async with nodes.client(node) as kv:  # the cut-short command cost only itself
         assert (await kv.get(b"k")).value == b"v"
 
@@ -179,3 +179,21 @@ async def test_requests_a_peer_forwards_share_no_per_connection_budget(nodes) ->
             channel.close()
     errors = [o for o in outcomes if isinstance(o, grpc.RpcError)]
     assert len(outcomes) == len(keys) and not errors, [e.details() for e in errors]
+
+
+async def test_work_of_a_request_whose_deadline_passed_is_cancelled(nodes) -> None:
+    node = await nodes.start()
+    async with nodes.client(node) as kv:
+        await kv.put(b"k", b"v")
+    channel = _channel(node.address)
+    try:
+        stub = admin_pb2_grpc.AdminStub(channel)
+        slow = admin_pb2.CommandRequest(name="rewrap", args=msgpack.packb({"rate_per_s": 0.1}))
+        reply = await _finish(stub.Command.future(slow, timeout=0.5))
+    finally:
+        channel.close()
+    assert isinstance(reply, grpc.RpcError) and reply.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    with trio.fail_after(5):  # the re-wrap (sleeping 10 s after its first record) was cut short
+        while node.rewrap_progress.get("running"):
+            await trio.sleep(0.05)
+    assert node.admission.in_flight["client"] == 0
