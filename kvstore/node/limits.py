@@ -46,6 +46,7 @@ class Admission:
         self.bytes_in_flight = 0
         self.refused = {"client": 0, "internal": 0, "health": 0}
         # replica batches being handled, node-wide and per stream (backpressure, not refusal)
+        self.max_replica_batches = config.max_replica_batches_in_flight
         self.replica_slots = asyncio.Semaphore(config.max_replica_batches_in_flight)
         self.per_stream = config.max_stream_batches_in_flight
 
@@ -89,8 +90,14 @@ class Admission:
         self.refused[pool] += 1
         raise Overloaded(f"overloaded: {why}; retry with backoff or use another node")
 
+    @property
+    def replica_batches(self) -> int:
+        """Replica batches being handled now (slots taken)."""
+        return self.max_replica_batches - self.replica_slots._value  # asyncio keeps no public count
+
     def snapshot(self) -> dict[str, Any]:
         """For the node's status document."""
         return {"in_flight": dict(self.in_flight), "refused": dict(self.refused),
-                "connections": len(self.by_connection), "request_bytes": self.bytes_in_flight}
+                "connections": len(self.by_connection), "request_bytes": self.bytes_in_flight,
+                "replica_batches": self.replica_batches}
 

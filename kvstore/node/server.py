@@ -110,9 +110,12 @@ class InternalServicer(_Base, internal_pb2_grpc.InternalServicer):
                 bad.append(exc)
             except Exception:  # a bug, or the stream ended under the write: this batch only
                 log.exception("replica batch failed")
-            finally:
-                node_slots.release()
-                mine.release()
+
+        def finished(task: asyncio.Task) -> None:
+            # a done callback, not a finally: it also runs for a task cancelled before it started
+            tasks.discard(task)
+            node_slots.release()
+            mine.release()
 
         try:
             while True:
@@ -133,7 +136,7 @@ class InternalServicer(_Base, internal_pb2_grpc.InternalServicer):
                     continue
                 task = asyncio.create_task(handle(frame.payload))
                 tasks.add(task)
-                task.add_done_callback(tasks.discard)
+                task.add_done_callback(finished)
             if tasks:
                 await asyncio.gather(*tasks, return_exceptions=True)
         finally:

@@ -140,3 +140,24 @@ async def test_a_relayed_member_that_does_not_answer_as_itself_never_enters_the_
     n3 = await nodes.start("n3", seeds=(n2.address,))
     await nodes.converged([n1, n2, n3])
     assert "ghost" not in n1.ring().node_ids
+
+
+async def test_replica_slots_come_back_when_streams_are_cut_mid_flight(nodes) -> None:
+    node = await nodes.start()
+    frame = internal_pb2.Frame(payload=msgpack.packb([1, 1, [["r", b"k%d" % i] for i in range(200)]]))
+
+    def cut_streams() -> None:
+        channel = grpc.insecure_channel(node.address)
+        try:
+            for _ in range(20):
+                call = channel.stream_stream("/kvstore.v1.Internal/Stream")(
+                    iter([frame.SerializeToString()] * 8), timeout=10)
+                call.cancel()  # the server's handler is cancelled with batches spawned or queued
+        finally:
+            channel.close()
+
+    await trio.to_thread.run_sync(cut_streams)
+    with trio.fail_after(10):
+        while node.admission.replica_batches:
+            await trio.sleep(0.05)
+    assert node.admission.replica_batches == 0
