@@ -59,6 +59,16 @@ class NodeConfig:
     auth_tokens_file: str = ""           # bearer tokens -> identity and roles (TOML, 0600); needs TLS
     insecure: bool = False               # serve plaintext with no authentication when no tls_* file is
                                          # set; must be said explicitly (the test profile does)
+    # overload (kvstore/node/limits.py): beyond these budgets a request is refused at once with
+    # RESOURCE_EXHAUSTED instead of queueing, so latency stays bounded and callers back off
+    max_concurrent_requests: int = 1024  # client RPCs in flight per node: ~5 ms each at 4k ops/s is ~20
+                                         # busy; 1024 leaves room for slow quorums, not for a backlog
+    max_concurrent_requests_per_connection: int = 256  # one client connection cannot take the node
+    max_inflight_request_bytes: int = 256 << 20  # request bytes being served: bounds memory (4 max batches)
+    max_concurrent_internal_calls: int = 256  # Internal.Call from peers (gossip, repair, streaming)
+    max_replica_batches_in_flight: int = 256  # replica batches handled at once; more wait (backpressure)
+    max_stream_batches_in_flight: int = 8  # per replica stream; a peer sends at most 2 (peers.MAX_IN_FLIGHT)
+    admin_command_timeout_s: float = 3600.0  # default deadline of an admin command sent without one
     test_hooks: bool = False             # enables fault-injection admin calls; never in production
     test_drop_writes: bool = False       # a deliberately broken node: acks writes it never stores
                                          # (proves the chaos checker catches lost writes)
@@ -99,6 +109,14 @@ class NodeConfig:
         need(self.rewrap_rate_per_s > 0, "rewrap_rate_per_s: must be > 0")
         need(self.anti_entropy_interval_s > 0, "anti_entropy_interval_s: must be > 0")
         need(self.stream_rate_bytes_per_s > 0, "stream_rate_bytes_per_s: must be > 0")
+        for name in ("max_concurrent_requests", "max_concurrent_requests_per_connection",
+                     "max_inflight_request_bytes", "max_concurrent_internal_calls",
+                     "max_replica_batches_in_flight", "max_stream_batches_in_flight"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and value >= 1, f"{name}: {value!r} must be an integer >= 1")
+        need(self.max_concurrent_requests_per_connection <= self.max_concurrent_requests,
+             "max_concurrent_requests_per_connection: must be <= max_concurrent_requests")
+        need(self.admin_command_timeout_s > 0, "admin_command_timeout_s: must be > 0")
         need(self.tombstone_purge_interval_s > 0, "tombstone_purge_interval_s: must be > 0")
         need(self.log_format in ("text", "json"), f"log_format: {self.log_format!r} is not text or json")
         need(self.drain_notice_s >= 0, "drain_notice_s: must be >= 0")

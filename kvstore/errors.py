@@ -53,6 +53,13 @@ class ResourceExhausted(KvError):
     code_name = "RESOURCE_EXHAUSTED"
 
 
+class Overloaded(ResourceExhausted):
+    """The node refused the request at once because a concurrency or memory budget is spent (the
+    message names it and its limit). Nothing was done: retry with backoff, or ask another node."""
+
+    retryable = True
+
+
 class DataLoss(KvError):
     """Stored data failed an integrity check (e.g. an envelope did not authenticate)."""
 

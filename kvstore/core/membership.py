@@ -37,6 +37,14 @@ _U64 = (1 << 64) - 1
 REMOVED_HEARTBEAT = _U64
 #: most entries a gossiped digest or state list may carry; bigger ones are refused unread
 MAX_GOSSIP_ENTRIES = 10_000
+#: Plausibility of gossiped versions (checked when the caller passes `now_ms`). A generation is
+#: the author's process start in ms since the epoch; one from further ahead of our clock than
+#: MAX_CLOCK_SKEW_MS would outrank the real node for that long (a forged 2^64-1 forever).
+MAX_CLOCK_SKEW_MS = 3_600_000
+#: no profile gossips faster than this, so a node cannot have beaten more often since it started;
+#: BEAT_SLACK covers the extra beats of status changes
+MIN_ROUND_MS = 10
+BEAT_SLACK = 1_000
 
 
 class Status(enum.Enum):
@@ -153,6 +161,8 @@ class NodeState:
             isinstance(t, int) and 0 <= t <= _U64 for t in tokens
         ):
             raise ValueError("tokens must be at most 4096 integers in 0..2^64-1")
+        if len(set(tokens)) != len(tokens):
+            raise ValueError("tokens must be distinct")
         if not isinstance(zone, str) or len(zone) > 128 or not isinstance(app, dict):
             raise ValueError("zone must be a short string and app a map")
         try:
@@ -259,14 +269,35 @@ def newer(incoming: NodeState, current: NodeState | None) -> bool:
     return _judge(incoming, current) is True
 
 
-def merge_states(table: Table, incoming: Iterable[NodeState], self_id: str = "") -> MergeResult:
+def implausible(state: NodeState, now_ms: int) -> str:
+    """Why a gossiped state cannot be real at local time now_ms ("" when it can): a generation
+    from the future, or more heartbeats than rounds since its generation began."""
+    if state.generation > now_ms + MAX_CLOCK_SKEW_MS:
+        return f"generation {state.generation} is more than {MAX_CLOCK_SKEW_MS} ms ahead of {now_ms}"
+    if state.status is not Status.REMOVED:
+        most = max(0, now_ms + MAX_CLOCK_SKEW_MS - state.generation) // MIN_ROUND_MS + BEAT_SLACK
+        if state.heartbeat > most:
+            return f"heartbeat {state.heartbeat} exceeds the {most} rounds possible since generation {state.generation}"
+    return ""
+
+
+def merge_states(table: Table, incoming: Iterable[NodeState], self_id: str = "",
+                 now_ms: int | None = None) -> MergeResult:
     """Merge gossiped states into a table (pure: `table` is not modified). The local node's own
-    entry is never taken from others: it is authoritative for itself."""
+    entry is never taken from others: it is authoritative for itself. With `now_ms` (a node's
+    wall clock), implausible states (see `implausible`) are refused."""
     out = dict(table)
     changed: dict[str, None] = {}      # ordered set
     refused: list[Refusal] = []
     about_self: NodeState | None = None
     for state in incoming:
+        if now_ms is not None:
+            why = implausible(state, now_ms)
+            if why:
+                held = out.get(state.node_id)
+                refused.append(Refusal(state.node_id, held.status if held else state.status, state.status,
+                                       state.generation, why))
+                continue
         if state.node_id == self_id:
             mine = out.get(self_id)
             if mine is None or state.precedence > mine.precedence:

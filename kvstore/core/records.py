@@ -18,6 +18,10 @@ RECORD_FORMAT = 1
 CONTEXT_FORMAT = 1
 MAX_CONTEXT_BYTES = 64 * 1024
 _U64 = (1 << 64) - 1
+#: Counters a client's context may carry. A real counter grows by one per write of the key through
+#: one node, so 2^53 is never reached; a forged one near 2^64 would leave the next write of that
+#: node no counter to take (and, merged into the stored version vector, brick the key for it).
+MAX_CONTEXT_COUNTER = 1 << 53
 
 
 def _packb(obj: Any) -> bytes:
@@ -104,4 +108,7 @@ def decode_context(data: bytes) -> dict[str, int]:
         raise InvalidArgument("context: not a context returned by kvstore (undecodable)") from None
     if not isinstance(doc, list) or len(doc) != 2 or doc[0] != CONTEXT_FORMAT or not _valid_vv(doc[1]):
         raise InvalidArgument("context: not a context returned by kvstore (bad format)")
+    for node, counter in doc[1].items():
+        if counter > MAX_CONTEXT_COUNTER:
+            raise InvalidArgument(f"context: counter {counter} of node {node[:64]!r} exceeds the limit of 2^53")
     return doc[1]

@@ -13,7 +13,12 @@ import enum
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
+from kvstore.errors import ResourceExhausted
+
 VersionVector = Mapping[str, int]
+
+#: counters travel as msgpack unsigned 64-bit integers
+MAX_COUNTER = (1 << 64) - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +118,8 @@ def next_counter(local: Sequence[Sibling], node: str, context: VersionVector, fl
     known = context.get(node, 0)
     for s in local:
         known = max(known, s.vv.get(node, 0), s.counter if s.node == node else 0)
+    if known >= MAX_COUNTER:  # only a forged replica write gets here: clients' contexts stay < 2^53
+        raise ResourceExhausted(f"the version counter of node {node} on this key is at its limit of 2^64-1")
     return max(known + 1, floor)
 
 

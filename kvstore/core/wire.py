@@ -25,6 +25,10 @@ from kvstore.errors import InvalidArgument
 
 WIRE_FORMAT = 1
 MAX_BATCH_OPS = 10_000
+#: the largest key any node may be configured to accept (Limits.validate), and the longest node id
+#: (membership): a replica op beyond them did not come from a coordinator's validated request
+MAX_KEY_BYTES = 64 * 1024
+MAX_NODE_ID_CHARS = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +100,10 @@ def _decode_op(raw: Any) -> ReplicaOp:
     if not isinstance(raw, list) or not raw:
         raise ValueError("op must be a non-empty array")
     kind = raw[0]
+    if len(raw) > 1 and isinstance(raw[1], bytes) and not 0 < len(raw[1]) <= MAX_KEY_BYTES:
+        raise ValueError(f"key must be 1..{MAX_KEY_BYTES} bytes, not {len(raw[1])}")
+    if kind == "w" and len(raw) == 4 and isinstance(raw[3], str) and len(raw[3]) > MAX_NODE_ID_CHARS:
+        raise ValueError(f"hint_for must be a node id of at most {MAX_NODE_ID_CHARS} characters")
     if kind == "w" and len(raw) == 4 and isinstance(raw[1], bytes) and isinstance(raw[3], str):
         return WriteOp(raw[1], siblings_from_wire(raw[2]), raw[3])
     if kind == "r" and len(raw) == 2 and isinstance(raw[1], bytes):

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import random
+import time
+from dataclasses import replace
 from typing import Any, Awaitable, Callable
 
 import trio
@@ -26,6 +28,15 @@ CallFn = Callable[[str, str, Any, float], Awaitable[Any]]
 
 DOWN_PROBE_PROBABILITY = 0.1   # memberlist/Cassandra: now and then talk to a node believed down
 SEED_PROBABILITY = 0.1         # and to a seed, so partitions that share a seed heal
+#: A node id this node has never seen enters its table only after a direct `ping` to the state's
+#: address answers with that id: a relayed state naming a member that does not exist (forged, or
+#: garbage from a broken peer) would otherwise take ranges of the ring and break routing. At most
+#: MAX_CANDIDATES wait at once; one is dropped after CANDIDATE_TRIES unanswered rounds (gossip
+#: offers it again if it is real).
+MAX_CANDIDATES = 64
+CANDIDATE_TRIES = 20
+#: statuses that place (or will place) a node in the ring, and so need the check above
+_VERIFIED_STATUSES = frozenset({Status.JOINING, Status.NORMAL, Status.LEAVING})
 
 
 class Gossip:
@@ -51,6 +62,8 @@ class Gossip:
         self.changed = trio.Event()
         self._ring: Ring = mb.ring_of(self.table)
         self._in_flight: set[str] = set()  # addresses with an exchange under way
+        self._verifying = False            # a candidate check is under way
+        self.candidates: dict[str, tuple[NodeState, int]] = {}  # unverified new members, tries
 
     # ---- what the node asks -----------------------------------------------------------
 
@@ -75,8 +88,10 @@ class Gossip:
 
     # ---- receiving ------------------------------------------------------------------------
 
-    def _merge(self, states: list[NodeState]) -> None:
-        res = mb.merge_states(self.table, states, self.me.node_id)
+    def _merge(self, states: list[NodeState], verified: bool = False) -> None:
+        if not verified:
+            states = self._hold_new_members(states)
+        res = mb.merge_states(self.table, states, self.me.node_id, int(time.time() * 1000))
         self.table = dict(res.table)
         now = trio.current_time()
         for node_id in res.changed:
@@ -94,10 +109,57 @@ class Gossip:
                 log.error("this node (%s) was removed from the cluster: stopping; rejoin only with a "
                           "wiped data directory", self.me.node_id)
                 self.removed_self.set()
-            elif about_self.generation > self.me.generation:
-                log.error("another process claims node id %s with a newer generation", self.me.node_id)
+            else:
+                # A state of this node that outranks its own: an old process, an id clash, or a
+                # forged state. This node is authoritative for itself: it re-asserts its state in
+                # a newer generation, which outranks the other everywhere within a few rounds.
+                log.error("a state of this node (%s) outranks its own (generation %d, heartbeat %d, "
+                          "from %s): re-asserting; if another process uses this id, stop one",
+                          self.me.node_id, about_self.generation, about_self.heartbeat, about_self.address)
+                generation = max(self.me.generation, about_self.generation) + 1
+                self.set_me(replace(self.me, generation=generation, heartbeat=0))
         if res.changed:
             self._refresh()
+
+    def _hold_new_members(self, states: list[NodeState]) -> list[NodeState]:
+        """States of ids not in the table become candidates (see MAX_CANDIDATES); the rest merge."""
+        known = []
+        for state in states:
+            if (state.node_id in self.table or state.node_id == self.me.node_id
+                    or state.status not in _VERIFIED_STATUSES):
+                known.append(state)
+                continue
+            held = self.candidates.get(state.node_id)
+            if held is None and len(self.candidates) >= MAX_CANDIDATES:
+                self.refused += 1
+                continue
+            if held is None or mb.newer(state, held[0]):
+                self.candidates[state.node_id] = (state, held[1] if held else 0)
+        return known
+
+    async def verify_candidates(self) -> None:
+        """Ping every candidate's address; admit those that answer with their own id."""
+        async def verify(node_id: str, state: NodeState, tries: int) -> None:
+            try:
+                answer = await self.call(state.address, "ping", None, max(self.interval_s * 2, 0.5))
+            except KvError:
+                answer = None
+            if self.candidates.get(node_id, (None,))[0] is not state:
+                return  # replaced by a newer state meanwhile: verified next round
+            if answer == node_id:
+                del self.candidates[node_id]
+                self._merge([state], verified=True)
+            elif answer is not None or tries + 1 >= CANDIDATE_TRIES:
+                del self.candidates[node_id]
+                self.refused += 1
+                log.info("gossip: dropped member %s at %s (%s)", node_id, state.address,
+                         f"that address is {str(answer)[:40]!r}" if answer is not None else "never answered")
+            else:
+                self.candidates[node_id] = (state, tries + 1)
+
+        async with trio.open_nursery() as nursery:
+            for node_id, (state, tries) in list(self.candidates.items()):
+                nursery.start_soon(verify, node_id, state, tries)
 
     def handle_syn(self, body: Any) -> list:
         try:
@@ -144,7 +206,10 @@ class Gossip:
         if not (isinstance(reply, list) and len(reply) == 2):
             raise InvalidArgument("gossip reply: expected [states, ids]")
         try:
-            self._merge(mb.parse_states(reply[0]))
+            states = mb.parse_states(reply[0])
+            # the node we dialed answered for its own address: no need to ping it again
+            self._merge([st for st in states if st.address == address], verified=True)
+            self._merge([st for st in states if st.address != address])
             wanted = mb.parse_ids(reply[1])
         except ValueError as exc:
             raise InvalidArgument(f"gossip reply: {exc}") from None
@@ -157,12 +222,24 @@ class Gossip:
             if address not in self._in_flight:  # at most one exchange per peer at a time
                 self._in_flight.add(address)
                 nursery.start_soon(self._exchange_quietly, address)
+        if self.candidates and not self._verifying:  # learned earlier: admit the real ones now
+            self._verifying = True
+            nursery.start_soon(self._verify_in_background)
         self.rounds += 1
 
+    async def _verify_in_background(self) -> None:
+        try:
+            await self.verify_candidates()
+        finally:
+            self._verifying = False
+
     async def round(self) -> None:
-        """One round, waiting for its exchanges (used while learning the cluster at start)."""
+        """One round, waiting for its exchanges and then the candidates they brought (used while
+        learning the cluster at start)."""
         async with trio.open_nursery() as nursery:
             self._start_round(nursery)
+        if self.candidates:
+            await self.verify_candidates()
 
     async def _exchange_quietly(self, address: str) -> None:
         try:

@@ -38,6 +38,7 @@ from kvstore.node import logs
 from kvstore.node.gossip import Gossip
 from kvstore.node.health import Health
 from kvstore.node.keys import Keys
+from kvstore.node.limits import Admission
 from kvstore.node.local import LocalStore
 from kvstore.node.metrics import Metrics, MetricsServer, metrics_address
 from kvstore.node.peers import Peer, channel_options
@@ -136,6 +137,7 @@ class Node:
         self.elastic = Elastic(self)
         self.repairer = Repair(self)
         self.api = Api(self)
+        self.admission = Admission(config)       # counters live on the transport loop
         self.peers: dict[str, Peer] = {}          # by address
         self.hint_counts: dict[str, int] = {}
         self.address = ""
@@ -772,6 +774,7 @@ class Node:
             "repair": dict(self.repairer.progress),
             "repaired_at_ms": self.ident.get("repaired_at_ms", 0),
             "metrics": self.metrics_server.address,
+            "admission": self.admission.snapshot(),
         }
 
     async def status_response(self) -> admin_pb2.StatusResponse:

@@ -13,6 +13,7 @@ from kvstore.errors import KvError
 from kvstore.node import logs
 from kvstore.node.api import FORWARDED_HEADER, raise_item
 from kvstore.node.interceptor import ObservingInterceptor
+from kvstore.node.guard import Gate, Malformed, add_guarded
 from kvstore.node.status import code_of, message_of
 
 log = logging.getLogger(__name__)
@@ -95,34 +96,63 @@ class KVServicer(_Base, kv_pb2_grpc.KVServicer):
 
 class InternalServicer(_Base, internal_pb2_grpc.InternalServicer):
     async def Stream(self, request_iterator: Any, context: Any) -> None:
-        """Replica batches: each frame is handled concurrently; replies go back by batch id."""
+        """Replica batches: each frame is handled concurrently; replies go back by batch id. A
+        frame is read only when the stream and the node have a free slot (backpressure, see
+        kvstore/node/limits.py). An undecodable frame cannot be answered by id: it is dropped and
+        the stream ends with INVALID_ARGUMENT naming the first one."""
         write_lock = asyncio.Lock()
         tasks: set[asyncio.Task] = set()
+        mine = asyncio.Semaphore(self.node.config.max_stream_batches_in_flight)
+        node_slots = self.node.admission.replica_slots
+        bad: list[KvError] = []
 
         async def handle(payload: bytes) -> None:
             try:
                 reply = await self.node.transport.to_trio(logs.carry(self.node.handle_batch, self.node.node_id),
                                                           payload)
+                if reply is not None:
+                    async with write_lock:
+                        await context.write(internal_pb2.Frame(payload=reply))
             except KvError as exc:  # undecodable batch: nothing to answer by id
                 log.warning("dropped a replica batch: %s", exc)
-                return
-            if reply is not None:
-                async with write_lock:
-                    await context.write(internal_pb2.Frame(payload=reply))
+                bad.append(exc)
+            except Exception:  # a bug, or the stream ended under the write: this batch only
+                log.exception("replica batch failed")
+
+        def finished(task: asyncio.Task) -> None:
+            # a done callback, not a finally: it also runs for a task cancelled before it started
+            tasks.discard(task)
+            node_slots.release()
+            mine.release()
 
         try:
             while True:
-                frame = await context.read()
-                if frame is grpc.aio.EOF:
-                    break
+                await mine.acquire()
+                await node_slots.acquire()
+                try:
+                    frame = await context.read()
+                except BaseException:
+                    node_slots.release()
+                    mine.release()
+                    raise
+                if frame is grpc.aio.EOF or isinstance(frame, Malformed):
+                    node_slots.release()
+                    mine.release()
+                    if frame is grpc.aio.EOF:
+                        break
+                    bad.append(frame.error())
+                    continue
                 task = asyncio.create_task(handle(frame.payload))
                 tasks.add(task)
-                task.add_done_callback(tasks.discard)
+                task.add_done_callback(finished)
             if tasks:
                 await asyncio.gather(*tasks, return_exceptions=True)
         finally:
             for task in tasks:
                 task.cancel()
+        if bad:
+            more = f" ({len(bad) - 1} more bad frames)" if len(bad) > 1 else ""
+            await context.abort(code_of(bad[0]), f"stream: {message_of(bad[0])}{more}")
 
     async def Call(self, request: internal_pb2.Frame, context: Any) -> internal_pb2.Frame:
         reply = await self._run(context, self.node.handle_call, request.payload)
@@ -149,8 +179,9 @@ def make_server(node: Any, options: list[tuple[str, Any]],
     # so_reuseport off: two nodes must never silently share a port (grpc enables it by default)
     server = grpc.aio.server(options=[*options, ("grpc.so_reuseport", 0)],
                              interceptors=[ObservingInterceptor(node.metrics, lambda: node.node_id), *interceptors])
-    kv_pb2_grpc.add_KVServicer_to_server(KVServicer(node), server)
-    internal_pb2_grpc.add_InternalServicer_to_server(InternalServicer(node), server)
-    admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(node), server)
+    gate = Gate(node.config, node.admission)
+    add_guarded(server, gate, kv_pb2_grpc.add_KVServicer_to_server, KVServicer(node))
+    add_guarded(server, gate, internal_pb2_grpc.add_InternalServicer_to_server, InternalServicer(node))
+    add_guarded(server, gate, admin_pb2_grpc.add_AdminServicer_to_server, AdminServicer(node))
     node.health.register(server)
     return server

@@ -29,6 +29,8 @@ async def test_a_silent_peer_does_not_make_the_others_flap(autojump_clock) -> No
                 raise Unavailable(f"{address}: deadline exceeded")
             await trio.sleep(0.001)
             target = gossips[address]
+            if kind == "ping":  # new members are admitted once their address answers as them
+                return target.me.node_id
             return target.handle_syn(body) if kind == "gossip-syn" else target.handle_ack(body)
         return call
 

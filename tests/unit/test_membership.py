@@ -3,6 +3,7 @@ checked against naive models over random but legal histories."""
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -337,3 +338,38 @@ def test_ids_and_states_from_the_wire_are_validated() -> None:
 def test_delta_for_skips_unknown_ids_and_duplicates() -> None:
     table = {"a": node("a"), "b": node("b")}
     assert delta_for(table, ["b", "zz", "b", "a"]) == [table["b"], table["a"]]
+
+
+# --- plausibility of gossiped versions (found by tests/node/test_fuzz.py) ------------------------
+
+def test_generation_from_the_future_is_refused_when_now_is_known() -> None:
+    from kvstore.core.membership import MAX_CLOCK_SKEW_MS, merge_states
+
+    now = 1_800_000_000_000
+    real = NodeState("n2", "10.0.0.2:7000", now - 5_000, 40, Status.NORMAL, (1, 2))
+    forged = NodeState("n2", "evil:1", (1 << 64) - 1, 0, Status.NORMAL, (3,))
+    res = merge_states({"n2": real}, [forged], "n1", now)
+    assert res.table["n2"] == real and res.changed == []
+    assert "ahead of" in res.refused[0].reason
+    near = NodeState("n2", "10.0.0.2:7000", now + MAX_CLOCK_SKEW_MS, 0, Status.NORMAL, (1, 2))
+    assert merge_states({"n2": real}, [near], "n1", now).table["n2"] == near  # skew within bounds
+
+
+def test_more_heartbeats_than_rounds_since_the_generation_is_refused() -> None:
+    from kvstore.core.membership import merge_states
+
+    now = 1_800_000_000_000
+    real = NodeState("n2", "10.0.0.2:7000", now - 5_000, 40, Status.NORMAL, (1, 2))
+    forged = replace(real, heartbeat=(1 << 64) - 2, address="evil:1")
+    res = merge_states({"n2": real}, [forged], "n1", now)
+    assert res.table["n2"] == real and "rounds possible" in res.refused[0].reason
+    beaten = replace(real, heartbeat=41)
+    assert merge_states({"n2": real}, [beaten], "n1", now).table["n2"] == beaten
+    # without a clock (the simulation, pure callers) nothing changes
+    assert merge_states({"n2": real}, [forged], "n1").table["n2"] == forged
+
+
+def test_a_gossiped_state_listing_a_token_twice_is_malformed() -> None:
+    wire = ["n2", "10.0.0.2:7000", 1, 1, "normal", [5, 5], "", {}]
+    with pytest.raises(ValueError, match="tokens must be distinct"):
+        NodeState.from_wire(wire)

@@ -68,3 +68,13 @@ def test_forged_context_is_invalid_argument(bad: bytes) -> None:
 def test_oversized_context_names_the_limit() -> None:
     with pytest.raises(InvalidArgument, match="exceeds the limit of 65536"):
         decode_context(b"x" * 70000)
+
+
+def test_context_counters_beyond_two_to_the_53_are_refused() -> None:
+    import msgpack
+
+    from kvstore.core.records import MAX_CONTEXT_COUNTER, decode_context
+
+    assert decode_context(msgpack.packb([1, {"n1": MAX_CONTEXT_COUNTER}])) == {"n1": MAX_CONTEXT_COUNTER}
+    with pytest.raises(InvalidArgument, match=r"context: counter 9007199254740993 of node 'n1' exceeds"):
+        decode_context(msgpack.packb([1, {"n1": MAX_CONTEXT_COUNTER + 1}]))

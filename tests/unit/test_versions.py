@@ -1,7 +1,7 @@
 """Dotted version vectors: merge laws, sibling survival, stamping, against a naive model."""
 from __future__ import annotations
 
-
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -177,3 +177,14 @@ def test_counters_stay_above_what_the_key_has_seen_even_with_a_floor() -> None:
     first, stored = versions.stamp([], "A", {}, b"1", hlc=1, counter_floor=10)
     second, _ = versions.stamp(stored, "A", versions.context_of(stored), b"2", hlc=2, counter_floor=10)
     assert (first.counter, second.counter) == (10, 11)  # two writes within one ms still differ
+
+
+def test_no_counter_left_is_a_precise_error_not_an_unpackable_dot() -> None:
+    from kvstore.core.versions import MAX_COUNTER, next_counter
+    from kvstore.errors import ResourceExhausted
+
+    last = Sibling("n1", MAX_COUNTER, {}, b"v", 1)
+    assert next_counter([Sibling("n1", MAX_COUNTER - 1, {}, b"v", 1)], "n1", {}) == MAX_COUNTER
+    with pytest.raises(ResourceExhausted, match="version counter of node n1 on this key is at its limit"):
+        next_counter([last], "n1", {})
+    assert next_counter([last], "n2", {}) == 1  # other coordinators are unaffected
