@@ -30,7 +30,7 @@ async def test_partition_by_route_is_seen_and_healed(tmp_path: Path) -> None:
         hosts = [a.rsplit(":", 1)[0] for a in addresses]
         assert all(ipaddress.ip_address(h) in net.subnet for h in hosts) and len(set(hosts)) == 3
         assert sorted(net.namespaces()) == sorted(net.namespace(n) for n in c.names())
-        async with Client(addresses) as kv:
+        async with Client(addresses, tls=c.tls()) as kv:
             await kv.put(b"before", b"v", w="all")
 
         # isolate n1 both ways: the others mark it down; n1 marks them down
@@ -42,14 +42,14 @@ async def test_partition_by_route_is_seen_and_healed(tmp_path: Path) -> None:
                          "n2 and n3 see n1 down")
         await eventually(lambda: up_views(c).get("n1") == {"n1"}, "n1 sees only itself")
         # clients in the root namespace still reach every node, as in Jepsen
-        async with Client([c.node("n2").address], token_aware=False) as kv:
+        async with Client([c.node("n2").address], token_aware=False, tls=c.tls()) as kv:
             await kv.put(b"during", b"v", w="quorum")
 
         for n in c.names():
             net.cut(n, [])
         assert all(net.cuts(n) == [] for n in c.names())
         await eventually(lambda: all(v == {"n1", "n2", "n3"} for v in up_views(c).values()), "healed")
-        async with Client([c.node("n1").address], token_aware=False) as kv:
+        async with Client([c.node("n1").address], token_aware=False, tls=c.tls()) as kv:
             assert (await kv.get(b"before", r="all")).value == b"v"
             assert (await kv.get(b"during", r="all")).value == b"v"
     assert net.namespaces() == []
