@@ -106,6 +106,9 @@ class Coordinator:
         pendings: list[_Pending | None] = [None] * len(reqs)
         all_done = trio.Event()
         ring = view.ring()
+        # keys of ranges moving to a joining node or away from a leaving one (checked per batch)
+        moving = view.elastic.moving()
+        undone = 0  # pendings not done yet: all_done is set when it reaches 0
         plans: dict[str, list[tuple[int, WriteOp, bool]]] = {}  # peer -> (item, op, primary)
         # no spare node to hold a hint (e.g. 3 nodes, N=3): the coordinator keeps it itself, like
         # Cassandra; it never counts towards W, but the owner gets the write when it is back
@@ -120,7 +123,7 @@ class Coordinator:
             pref = ring.preference_list(req.key, req.n)
             # ranges moving to a joining node or away from a leaving one: the new replicas must
             # get the write too, and it is not acknowledged until they have it (as Cassandra)
-            for target in view.elastic.pending(req.key, req.n, pref):
+            for target in view.elastic.pending(req.key, req.n, pref) if moving else ():
                 plans.setdefault(target, []).append((i, WriteOp(req.key, st.siblings), False))
                 pending.outstanding += 1
                 pending.needed += 1
@@ -143,27 +146,29 @@ class Coordinator:
                     self_hints.append((target, req.key, st.siblings))
             if pending.acks >= pending.needed or pending.outstanding == 0:
                 pending.done = True
-
-        def settle() -> None:
-            if all(p is None or p.done for p in pendings):
-                all_done.set()
+            else:
+                undone += 1
 
         def on_result(i: int, peer_id: str, ok: bool) -> None:
+            nonlocal undone
             p = pendings[i]
             assert p is not None
             p.outstanding -= 1
             if ok:
                 p.acks += 1
                 p.acked_by.append(peer_id)
-            if p.acks >= p.needed or p.outstanding <= 0:
+            if not p.done and (p.acks >= p.needed or p.outstanding <= 0):
                 p.done = True
-                settle()
+                undone -= 1
+                if undone == 0:
+                    all_done.set()
 
         if self_hints:
             await view.store.merge_many([(k, sibs) for _, k, sibs in self_hints], [t for t, _, _ in self_hints])
         for peer_id, items in plans.items():
             view.background.start_soon(self._deliver, ring, peer_id, items, reqs, on_result)
-        settle()
+        if undone == 0:
+            all_done.set()
         with trio.move_on_at(deadline):
             await all_done.wait()
         for i, p in enumerate(pendings):

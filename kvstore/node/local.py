@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from dataclasses import replace
 from typing import Callable, Protocol, Sequence
 
 from kvstore.core import versions
@@ -85,7 +84,9 @@ class LocalStore:
                 )
                 self._check_siblings(st.key, merged)
                 if new.value is not None:  # sealed here, where the dot (part of the AAD) is known
-                    sealed = replace(new, value=self.sealer.seal(new.value, value_aad(st.key, new.node, new.counter)))
+                    sealed = Sibling(new.node, new.counter, new.vv,
+                                     self.sealer.seal(new.value, value_aad(st.key, new.node, new.counter)),
+                                     new.hlc, new.expires_at_ms)
                     merged = [sealed if s.dot == new.dot else s for s in merged]
                     new = sealed
                 made[i] = Stamped(new, merged)
