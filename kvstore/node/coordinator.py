@@ -79,6 +79,20 @@ class _Pending:
     done: bool = False
 
 
+def _liveness(view: ClusterView) -> Callable[[str], bool]:
+    """view.is_up, asked once per node for a whole batch (a failure detector query per key and
+    replica was a measurable part of a batch's CPU)."""
+    known: dict[str, bool] = {}
+
+    def is_up(node_id: str) -> bool:
+        up = known.get(node_id)
+        if up is None:
+            up = known[node_id] = view.is_up(node_id)
+        return up
+
+    return is_up
+
+
 class Coordinator:
     def __init__(self, view: ClusterView) -> None:
         self.view = view
@@ -108,6 +122,7 @@ class Coordinator:
         ring = view.ring()
         # keys of ranges moving to a joining node or away from a leaving one (checked per batch)
         moving = view.elastic.moving()
+        is_up = _liveness(view)
         undone = 0  # pendings not done yet: all_done is set when it reaches 0
         plans: dict[str, list[tuple[int, WriteOp, bool]]] = {}  # peer -> (item, op, primary)
         # no spare node to hold a hint (e.g. 3 nodes, N=3): the coordinator keeps it itself, like
@@ -128,11 +143,12 @@ class Coordinator:
                 pending.outstanding += 1
                 pending.needed += 1
             used = set(pref)
+            op = WriteOp(req.key, st.siblings)  # immutable: one object serves every primary
             for target in pref:
                 if target == view.node_id:
                     continue
-                if view.is_up(target):
-                    plans.setdefault(target, []).append((i, WriteOp(req.key, st.siblings), True))
+                if is_up(target):
+                    plans.setdefault(target, []).append((i, op, True))
                     pending.outstanding += 1
                 elif not req.strict:
                     fb = self._fallback(ring, req.key, used)
@@ -241,9 +257,10 @@ class Coordinator:
         local_items: list[int] = []
         outstanding = [0] * len(reqs)
         spares_left = [0] * len(reqs)
+        is_up = _liveness(view)
         for i, req in enumerate(reqs):
             pref = ring.preference_list(req.key, req.n)
-            live = [t for t in pref if t == view.node_id or view.is_up(t)]
+            live = [t for t in pref if t == view.node_id or is_up(t)]
             live.sort(key=lambda t: t != view.node_id)
             everyone = view.rng.random() < view.config.read_repair_chance
             cut = len(live) if everyone else needed[i]
