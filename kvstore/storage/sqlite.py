@@ -522,11 +522,12 @@ def _size(path: str) -> int:
 
 
 def _migrate_v1(conn: sqlite3.Connection, path: Path) -> None:
-    """Format 1 -> 2: copy `data` and `hints` into rowid tables, in one transaction (a crash
-    leaves format 1 intact and the next open migrates again), then VACUUM to return the space."""
+    """Format 1 -> 2: copy `data` and `hints` into rowid tables, in one transaction (a crash or an
+    error leaves format 1 intact and the next open migrates again), then VACUUM to return the
+    space the old tables held."""
     started = time.monotonic()
-    conn.execute("BEGIN IMMEDIATE")
     try:
+        conn.execute("BEGIN IMMEDIATE")
         for name, create, columns in (("data", _DATA_TABLE, "key, record"),
                                       ("hints", _HINTS_TABLE, "target, key, record")):
             conn.execute(create.format(name=f"{name}_v2"))
@@ -535,12 +536,20 @@ def _migrate_v1(conn: sqlite3.Connection, path: Path) -> None:
             conn.execute(f"ALTER TABLE {name}_v2 RENAME TO {name}")
         conn.execute("UPDATE meta SET value = ? WHERE name = 'format_version'", (FORMAT_VERSION,))
         conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
+    except sqlite3.Error as exc:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise StorageFormatError(
+            f"migrating {path} from storage format 1 to {FORMAT_VERSION} failed: {exc}; "
+            "the database is unchanged (still format 1)"
+        ) from exc
     keys = conn.execute("SELECT count(*) FROM data").fetchone()[0]
-    conn.execute("VACUUM")
-    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    try:
+        conn.execute("VACUUM")  # needs free disk about the database's size
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    except sqlite3.Error as exc:  # the data is migrated; only the space is not returned yet
+        log.warning("%s: VACUUM after the format migration failed (%s); run it offline to "
+                    "return the old tables' space", path, exc)
     log.info("migrated %s from storage format 1 to %d (%d keys) in %.1fs",
              path, FORMAT_VERSION, keys, time.monotonic() - started)
 

@@ -275,7 +275,7 @@ async def test_sqlite_failed_migration_leaves_format_1_intact(tmp_path):
     with sqlite3.connect(path) as conn:
         conn.execute("CREATE TABLE data_v2 (x)")  # in the way of the migration's first step
     conn.close()
-    with pytest.raises(StorageFormatError, match="data_v2"):
+    with pytest.raises(StorageFormatError, match="migrating .* failed: .*data_v2.*still format 1"):
         await SqliteEngine.open(path)
     with sqlite3.connect(path) as conn:
         assert conn.execute("SELECT value FROM meta WHERE name = 'format_version'").fetchone()[0] == 1
