@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -39,6 +40,13 @@ import trio
 from kvstore.errors import Unavailable
 
 logger = logging.getLogger(__name__)
+
+#: The GIL switch interval of a process that runs a Transport (Python's default is 5 ms). Every
+#: crossing between the trio thread, the transport thread and the storage threads needs the GIL;
+#: when another thread is running Python, the default makes the crossing wait up to 5 ms, several
+#: times per request. Measured on 3 nodes, 2 cores, 64 puts or gets in flight: put p99 73-82 ->
+#: 43 ms, get p99 ~100 -> 38-47 ms, more ops/s; CPU per op about the same.
+SWITCH_INTERVAL_S = 0.0005
 
 #: How long aclose() lets the registered cleanups (server.stop(grace), channel.close()) run beyond
 #: the grace period before giving up on them, so a wedged cleanup cannot hang node shutdown.
@@ -115,6 +123,9 @@ class Transport:
     @classmethod
     async def start(cls) -> Transport:
         """Start the transport thread and its loop; returns once the loop is running."""
+        # Process-wide, and only ever lowered: the Transport is the node's, and its thread
+        # crossings are the node's latency (see SWITCH_INTERVAL_S).
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
         transport = cls()
         transport._thread.start()
         # Shielded: the loop starts at once, and a cancelled start() must not strand the thread.

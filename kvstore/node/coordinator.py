@@ -79,6 +79,20 @@ class _Pending:
     done: bool = False
 
 
+def _liveness(view: ClusterView) -> Callable[[str], bool]:
+    """view.is_up, asked once per node for a whole batch (a failure detector query per key and
+    replica was a measurable part of a batch's CPU)."""
+    known: dict[str, bool] = {}
+
+    def is_up(node_id: str) -> bool:
+        up = known.get(node_id)
+        if up is None:
+            up = known[node_id] = view.is_up(node_id)
+        return up
+
+    return is_up
+
+
 class Coordinator:
     def __init__(self, view: ClusterView) -> None:
         self.view = view
@@ -106,6 +120,10 @@ class Coordinator:
         pendings: list[_Pending | None] = [None] * len(reqs)
         all_done = trio.Event()
         ring = view.ring()
+        # keys of ranges moving to a joining node or away from a leaving one (checked per batch)
+        moving = view.elastic.moving()
+        is_up = _liveness(view)
+        undone = 0  # pendings not done yet: all_done is set when it reaches 0
         plans: dict[str, list[tuple[int, WriteOp, bool]]] = {}  # peer -> (item, op, primary)
         # no spare node to hold a hint (e.g. 3 nodes, N=3): the coordinator keeps it itself, like
         # Cassandra; it never counts towards W, but the owner gets the write when it is back
@@ -120,16 +138,17 @@ class Coordinator:
             pref = ring.preference_list(req.key, req.n)
             # ranges moving to a joining node or away from a leaving one: the new replicas must
             # get the write too, and it is not acknowledged until they have it (as Cassandra)
-            for target in view.elastic.pending(req.key, req.n, pref):
+            for target in view.elastic.pending(req.key, req.n, pref) if moving else ():
                 plans.setdefault(target, []).append((i, WriteOp(req.key, st.siblings), False))
                 pending.outstanding += 1
                 pending.needed += 1
             used = set(pref)
+            op = WriteOp(req.key, st.siblings)  # immutable: one object serves every primary
             for target in pref:
                 if target == view.node_id:
                     continue
-                if view.is_up(target):
-                    plans.setdefault(target, []).append((i, WriteOp(req.key, st.siblings), True))
+                if is_up(target):
+                    plans.setdefault(target, []).append((i, op, True))
                     pending.outstanding += 1
                 elif not req.strict:
                     fb = self._fallback(ring, req.key, used)
@@ -143,21 +162,22 @@ class Coordinator:
                     self_hints.append((target, req.key, st.siblings))
             if pending.acks >= pending.needed or pending.outstanding == 0:
                 pending.done = True
-
-        def settle() -> None:
-            if all(p is None or p.done for p in pendings):
-                all_done.set()
+            else:
+                undone += 1
 
         def on_result(i: int, peer_id: str, ok: bool) -> None:
+            nonlocal undone
             p = pendings[i]
             assert p is not None
             p.outstanding -= 1
             if ok:
                 p.acks += 1
                 p.acked_by.append(peer_id)
-            if p.acks >= p.needed or p.outstanding <= 0:
+            if not p.done and (p.acks >= p.needed or p.outstanding <= 0):
                 p.done = True
-                settle()
+                undone -= 1
+                if undone == 0:
+                    all_done.set()
 
         if self_hints:
             await view.store.merge_many([(k, sibs) for _, k, sibs in self_hints], [t for t, _, _ in self_hints])
@@ -166,7 +186,8 @@ class Coordinator:
                       len(reqs), ",".join(f"{p}:{len(it)}" for p, it in plans.items()) or "-", len(self_hints))
         for peer_id, items in plans.items():
             view.background.start_soon(self._deliver, ring, peer_id, items, reqs, on_result)
-        settle()
+        if undone == 0:
+            all_done.set()
         with trio.move_on_at(deadline):
             await all_done.wait()
         for i, p in enumerate(pendings):
@@ -241,9 +262,10 @@ class Coordinator:
         local_items: list[int] = []
         outstanding = [0] * len(reqs)
         spares_left = [0] * len(reqs)
+        is_up = _liveness(view)
         for i, req in enumerate(reqs):
             pref = ring.preference_list(req.key, req.n)
-            live = [t for t in pref if t == view.node_id or view.is_up(t)]
+            live = [t for t in pref if t == view.node_id or is_up(t)]
             live.sort(key=lambda t: t != view.node_id)
             everyone = view.rng.random() < view.config.read_repair_chance
             cut = len(live) if everyone else needed[i]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from dataclasses import replace
 from typing import Callable, Protocol, Sequence
 
 from kvstore.core import versions
@@ -17,7 +16,7 @@ from kvstore.core.limits import Limits
 from kvstore.core.records import decode_record, encode_record, value_aad
 from kvstore.core.versions import Sibling, VersionVector
 from kvstore.errors import KvError, StaleContext
-from kvstore.storage.base import Engine, UpdateResult
+from kvstore.storage.base import Engine
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +84,9 @@ class LocalStore:
                 )
                 self._check_siblings(st.key, merged)
                 if new.value is not None:  # sealed here, where the dot (part of the AAD) is known
-                    sealed = replace(new, value=self.sealer.seal(new.value, value_aad(st.key, new.node, new.counter)))
+                    sealed = Sibling(new.node, new.counter, new.vv,
+                                     self.sealer.seal(new.value, value_aad(st.key, new.node, new.counter)),
+                                     new.hlc, new.expires_at_ms)
                     merged = [sealed if s.dot == new.dot else s for s in merged]
                     new = sealed
                 made[i] = Stamped(new, merged)
@@ -100,8 +101,10 @@ class LocalStore:
 
     async def merge_many(
         self, items: Sequence[tuple[bytes, list[Sibling]]], hint_for: Sequence[str] | None = None
-    ) -> list[list[Sibling] | BaseException]:
-        """Merge incoming siblings into stored records (or into hints held for `hint_for[i]`)."""
+    ) -> list[BaseException | None]:
+        """Merge incoming siblings into stored records (or into hints held for `hint_for[i]`).
+        Per item: None once stored, or the exception that failed it. (The merged record is not
+        decoded back: no caller needs it, and on a replica that was a decode per replicated op.)"""
 
         def updater(key: bytes, incoming: list[Sibling]):
             def apply(old: bytes | None) -> bytes | None:
@@ -118,18 +121,20 @@ class LocalStore:
 
         data_items = [(i, k, s) for i, (k, s) in enumerate(items) if not (hint_for and hint_for[i])]
         hint_items = [(i, k, s) for i, (k, s) in enumerate(items) if hint_for and hint_for[i]]
-        out: list[list[Sibling] | BaseException] = [[] for _ in items]
+        out: list[BaseException | None] = [None] * len(items)
         if data_items:
             res = await self.engine.update_many([(k, updater(k, s)) for _, k, s in data_items])
-            for (i, k, _), r in zip(data_items, res):
-                out[i] = self._decoded(r, k)
+            for (i, _, _), r in zip(data_items, res):
+                if isinstance(r, BaseException):
+                    out[i] = r
         if hint_items:
             assert hint_for is not None
             res = await self.engine.hint_update_many(
                 [(hint_for[i], k, updater(k, s)) for i, k, s in hint_items]
             )
-            for (i, k, _), r in zip(hint_items, res):
-                out[i] = self._decoded(r, k)
+            for (i, _, _), r in zip(hint_items, res):
+                if isinstance(r, BaseException):
+                    out[i] = r
         return out
 
     async def purge_many(self, items: Sequence[tuple[bytes, frozenset[tuple[str, int]]]]) -> int:
@@ -161,11 +166,6 @@ class LocalStore:
             except KvError as exc:
                 out.append(exc)
         return out
-
-    def _decoded(self, r: UpdateResult, key: bytes) -> list[Sibling] | BaseException:
-        if isinstance(r, BaseException):
-            return r
-        return decode_record(r, key) if r else []
 
     def _check_siblings(self, key: bytes, merged: list[Sibling]) -> None:
         self.limits.check_siblings(len(merged), key)

@@ -60,12 +60,15 @@ class _Conn:
         fut = asyncio.get_running_loop().create_future()
         self.pending[batch_id] = fut
         try:
-            async with self.write_lock:
-                if self.stream is None:
-                    self.stream = self.internal.Stream()
-                    self.reader = asyncio.create_task(self._read(self.stream))
-                await asyncio.wait_for(self.stream.write(internal_pb2.Frame(payload=payload)), timeout_s)
-            return await asyncio.wait_for(fut, timeout_s)
+            # One deadline for the write and the reply: asyncio.timeout arms one timer, where
+            # wait_for around each step cost a timer and a task per step, twice per batch.
+            async with asyncio.timeout(timeout_s):
+                async with self.write_lock:
+                    if self.stream is None:
+                        self.stream = self.internal.Stream()
+                        self.reader = asyncio.create_task(self._read(self.stream))
+                    await self.stream.write(internal_pb2.Frame(payload=payload))
+                return await fut
         except (asyncio.TimeoutError, TimeoutError):
             raise Unavailable(f"peer {self.address}: no reply within {timeout_s:.1f}s") from None
         except grpc.aio.AioRpcError as exc:

@@ -34,6 +34,8 @@ class EngineStats:
     checkpoints: int = 0
     #: Explicit fsyncs of the WAL file under FsyncPolicy.BATCH (sqlite only).
     wal_fsyncs: int = 0
+    #: RESTART checkpoints run because the WAL passed `wal_restart_bytes` (sqlite only).
+    wal_restarts: int = 0
 
 
 def apply_updates(

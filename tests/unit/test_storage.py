@@ -208,11 +208,104 @@ async def test_sqlite_refuses_unknown_format_version(tmp_path):
     path = tmp_path / "kv.db"
     await (await SqliteEngine.open(path)).aclose()
     with sqlite3.connect(path) as conn:
-        conn.execute("UPDATE meta SET value = 2 WHERE name = 'format_version'")
+        conn.execute("UPDATE meta SET value = 3 WHERE name = 'format_version'")
     threads_before = set(threading.enumerate())
-    with pytest.raises(StorageFormatError, match="format_version 2.*newer kvstore"):
+    with pytest.raises(StorageFormatError, match="format_version 3.*newer kvstore"):
         await SqliteEngine.open(path)
     assert set(threading.enumerate()) == threads_before
+
+
+def _make_format_1_database(path: Path, records: dict[bytes, bytes], hints: dict[tuple[str, bytes], bytes]) -> None:
+    """A data directory as kvstore with storage format 1 left it (WITHOUT ROWID tables, WAL)."""
+    with sqlite3.connect(path) as conn:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("CREATE TABLE meta (name TEXT PRIMARY KEY, value) WITHOUT ROWID")
+        conn.execute("CREATE TABLE data (key BLOB PRIMARY KEY, record BLOB NOT NULL) WITHOUT ROWID")
+        conn.execute("CREATE TABLE hints (target TEXT NOT NULL, key BLOB NOT NULL, record BLOB NOT NULL,"
+                     " PRIMARY KEY (target, key)) WITHOUT ROWID")
+        conn.execute("INSERT INTO meta VALUES ('format_version', 1)")
+        conn.executemany("INSERT INTO data VALUES (?, ?)", records.items())
+        conn.executemany("INSERT INTO hints VALUES (?, ?, ?)", [(t, k, r) for (t, k), r in hints.items()])
+    conn.close()
+
+
+async def test_sqlite_migrates_format_1_to_rowid_tables_keeping_every_record(tmp_path):
+    path = tmp_path / "kv.db"
+    rng = random.Random(7)
+    records = {b"key-%04d" % i: rng.randbytes(rng.choice([10, 1150, 5000])) for i in range(300)}
+    hints = {("n2", b"key-0001"): b"h1", ("n3", b"key-0001"): b"h2", ("n3", b"zzz"): rng.randbytes(1150)}
+    _make_format_1_database(path, records, hints)
+    before = path.stat().st_size
+
+    engine = await SqliteEngine.open(path)
+    try:
+        keys = sorted(records)
+        assert await engine.get_many(keys) == [records[k] for k in keys]
+        assert await engine.scan(None, 1000) == sorted(records.items())
+        assert await engine.hints_for("n3", 10) == [(b"key-0001", b"h2"), (b"zzz", hints[("n3", b"zzz")])]
+        assert await engine.hint_counts() == {"n2": 1, "n3": 2}
+        # writes go on as before: replace, insert, delete, hints
+        await engine.update_many([(b"key-0000", put(b"new")), (b"fresh", put(b"f")), (b"key-0002", delete)])
+        await engine.hint_update_many([("n2", b"key-0001", put(b"h1b"))])
+        assert await engine.get_many([b"key-0000", b"fresh", b"key-0002"]) == [b"new", b"f", None]
+        assert await engine.hints_for("n2", 10) == [(b"key-0001", b"h1b")]
+    finally:
+        await engine.aclose()
+
+    with sqlite3.connect(path) as conn:
+        version = conn.execute("SELECT value FROM meta WHERE name = 'format_version'").fetchone()[0]
+        tables = dict(conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'table'").fetchall())
+    conn.close()
+    assert version == 2
+    assert "WITHOUT ROWID" not in tables["data"] and "WITHOUT ROWID" not in tables["hints"]
+    assert not {"data_v2", "hints_v2"} & set(tables)
+    # records no longer take an overflow page each, and VACUUM returned the old tables' pages
+    assert path.stat().st_size < before
+
+    engine = await SqliteEngine.open(path)  # a migrated database opens as format 2, unchanged
+    try:
+        assert await engine.count() == len(records)
+    finally:
+        await engine.aclose()
+
+
+async def test_sqlite_failed_migration_leaves_format_1_intact(tmp_path):
+    path = tmp_path / "kv.db"
+    _make_format_1_database(path, {b"k": b"v"}, {})
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE data_v2 (x)")  # in the way of the migration's first step
+    conn.close()
+    with pytest.raises(StorageFormatError, match="migrating .* failed: .*data_v2.*still format 1"):
+        await SqliteEngine.open(path)
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT value FROM meta WHERE name = 'format_version'").fetchone()[0] == 1
+        assert conn.execute("SELECT record FROM data WHERE key = ?", (b"k",)).fetchone()[0] == b"v"
+    conn.close()
+
+
+async def test_sqlite_restarts_a_wal_that_passes_the_limit(tmp_path):
+    path = tmp_path / "kv.db"
+    engine = await SqliteEngine.open(path, FsyncPolicy.BATCH, checkpoint_interval_s=0.005,
+                                     wal_restart_bytes=64 * 1024)
+    wal = Path(f"{path}-wal")
+    value = os.urandom(1100)
+    try:
+        sizes = []
+        for round_ in range(8):
+            restarts = engine.stats.wal_restarts
+            # ~35 pages (140 KiB) of WAL per round: past the limit every time
+            await engine.update_many([(b"r%d-%03d" % (round_, i), put(value)) for i in range(100)])
+            sizes.append(wal.stat().st_size)
+            with trio.fail_after(5):  # the maintenance thread runs on real time; bounded wait
+                while engine.stats.wal_restarts == restarts:
+                    await trio.sleep(0.005)
+        # Every round starts the WAL over, so the file holds about one round's frames; without the
+        # restarts it would hold all eight rounds' (8x the first).
+        assert sizes[0] > 64 * 1024
+        assert max(sizes) < 2 * sizes[0], sizes
+        assert await engine.count() == 800
+    finally:
+        await engine.aclose()
 
 
 async def test_sqlite_refuses_a_foreign_database(tmp_path):
