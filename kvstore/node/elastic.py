@@ -17,6 +17,7 @@ from typing import Any, Iterable
 
 import trio
 
+from kvstore.core import hlc
 from kvstore.core import membership as mb
 from kvstore.core.membership import NodeState, Status
 from kvstore.core.records import decode_record
@@ -28,8 +29,19 @@ log = logging.getLogger(__name__)
 
 PAGE_ROWS = 500          # rows a source scans per stream call: bounded work per request
 PUSH_BATCH = 256         # records per replica batch when pushing
+CATCH_UP_MARGIN_S = 120.0  # join catch-up pass: records stamped this long before the cluster saw
+                           # the joiner (in-flight writes plus clock skew between nodes)
 ABORT_WAIT_S = 10.0      # abort-join: how long to wait for the cluster to see this node leave
 Ranges = list[tuple[int, int]]
+
+
+def _newest(raw: bytes, key: bytes) -> int:
+    """The highest sibling HLC of a stored record (a record that does not decode counts as new:
+    the receiver's merge judges it)."""
+    try:
+        return max((s.hlc for s in decode_record(raw, key)), default=0)
+    except KvError:
+        return 1 << 64
 
 
 def _parse_ranges(raw: Any) -> Ranges:
@@ -105,9 +117,12 @@ class Elastic:
         after = body.get("after")
         if after is not None and not isinstance(after, bytes):
             raise InvalidArgument("stream: after must be a key")
+        since = body.get("since_hlc", 0)
+        if not isinstance(since, int) or isinstance(since, bool) or not 0 <= since < 1 << 64:
+            raise InvalidArgument("stream: since_hlc must be an unsigned 64-bit integer")
         rows = await self.node.engine.scan(after, PAGE_ROWS)
         index = RangeIndex((s, e, True) for s, e in ranges)
-        records = [[k, raw] for k, raw in rows if index.find(key_token(k))]
+        records = [[k, raw] for k, raw in rows if index.find(key_token(k)) and (not since or _newest(raw, k) >= since)]
         return {"records": records, "next": rows[-1][0] if len(rows) == PAGE_ROWS else None}
 
     # ---- progress and pacing ---------------------------------------------------------------
@@ -187,28 +202,49 @@ class Elastic:
                 by_source.setdefault(source, []).append((start, end))
         state = node.ident.setdefault("bootstrap", {"done": False, "cursors": {}})
         self._start("join")
+        # Every coordinator now sends new writes here too, but a write whose coordinator chose
+        # its replicas just before it saw this node JOINING can still land on a source after the
+        # pass below went by its key. Such writes were stamped within CATCH_UP_MARGIN_S of now
+        # (by the coordinator's clock: the margin covers skew too) and land within the replica
+        # timeout; a second pass, once that has passed, pulls every record written since.
+        seen_ms = node.now_ms()
         for source, ranges in by_source.items():
             cursor = state["cursors"].get(source)
             if cursor == "done":
                 continue
-            after = bytes.fromhex(cursor) if cursor else None
-            while True:
-                page = await node.peer(source).call(
-                    "stream-ranges", {"ranges": [list(r) for r in ranges], "after": after},
-                    max(node.config.request_timeout_s, 10.0))
-                records = page.get("records") or []
-                if records:
-                    items = [(k, decode_record(raw, k)) for k, raw in records]
-                    await node.store.merge_many(items)
-                    await self._account(len(records), sum(len(raw) for _, raw in records))
-                after = page.get("next")
-                state["cursors"][source] = after.hex() if after else "done"
-                node.save_identity()
-                if after is None:
-                    break
+            await self._pull(source, ranges, bytes.fromhex(cursor) if cursor else None, state)
+        self.progress["phase"] = "catch-up"
+        wait_s = seen_ms / 1000 + node.config.replica_timeout_s - node.now_ms() / 1000
+        if wait_s > 0:
+            await trio.sleep(wait_s)
+        since = hlc.pack(max(seen_ms - int(CATCH_UP_MARGIN_S * 1000), 0), 0)
+        for source, ranges in by_source.items():
+            await self._pull(source, ranges, None, None, since)
         state["done"] = True
         node.save_identity()
         self._finish("done")
+
+    async def _pull(self, source: str, ranges: Ranges, after: bytes | None, state: dict[str, Any] | None,
+                    since_hlc: int = 0) -> None:
+        """Stream `ranges` from `source` into this node's store, page by page from `after`
+        (saving the cursor in `state` when given), only records written since `since_hlc` if set."""
+        node = self.node
+        while True:
+            body: dict[str, Any] = {"ranges": [list(r) for r in ranges], "after": after}
+            if since_hlc:
+                body["since_hlc"] = since_hlc
+            page = await node.peer(source).call("stream-ranges", body, max(node.config.request_timeout_s, 10.0))
+            records = page.get("records") or []
+            if records:
+                items = [(k, decode_record(raw, k)) for k, raw in records]
+                await node.store.merge_many(items)
+                await self._account(len(records), sum(len(raw) for _, raw in records))
+            after = page.get("next")
+            if state is not None:
+                state["cursors"][source] = after.hex() if after else "done"
+                node.save_identity()
+            if after is None:
+                return
 
     # ---- pushing data to new replicas (decommission, removenode) -------------------------------
 
