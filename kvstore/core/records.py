@@ -53,6 +53,8 @@ def sibling_from_wire(item: Any) -> Sibling:
         raise ValueError("sibling counter must be in 1..2^64-1")
     if not _valid_vv(vv):
         raise ValueError("sibling version vector must map node ids to counters in 1..2^64-1")
+    if vv.get(node, 0) >= counter:  # it would cover its own dot: merge drops it, and what its vv covers
+        raise ValueError(f"sibling ({node}, {counter}) has a version vector that already covers its own dot")
     if not isinstance(hlc, int) or not 0 <= hlc <= _U64:
         raise ValueError("sibling hlc must be in 0..2^64-1")
     if not isinstance(expires, int) or not 0 <= expires <= _U64:

@@ -24,7 +24,7 @@ siblings = st.lists(
         value=st.one_of(st.none(), st.binary(max_size=64)),
         hlc=st.integers(0, 2**64 - 1),
         expires_at_ms=st.integers(0, 2**64 - 1),
-    ),
+    ).filter(lambda s: s.vv.get(s.node, 0) < s.counter),  # a valid sibling never covers its own dot
     max_size=4,
 )
 
@@ -78,3 +78,10 @@ def test_context_counters_beyond_two_to_the_53_are_refused() -> None:
     assert decode_context(msgpack.packb([1, {"n1": MAX_CONTEXT_COUNTER}])) == {"n1": MAX_CONTEXT_COUNTER}
     with pytest.raises(InvalidArgument, match=r"context: counter 9007199254740993 of node 'n1' exceeds"):
         decode_context(msgpack.packb([1, {"n1": MAX_CONTEXT_COUNTER + 1}]))
+
+
+def test_a_sibling_whose_vector_covers_its_own_dot_is_refused() -> None:
+    # merge([s]) would drop it, and its vector would wipe the siblings it claims to have seen
+    forged = encode_record([Sibling("n1", 5, {"n1": 5, "n2": 9}, b"v", 1)])
+    with pytest.raises(DataLoss, match=r"\(n1, 5\) has a version vector that already covers its own dot"):
+        decode_record(forged, b"k")
