@@ -427,14 +427,18 @@ class SqliteEngine:
             conn.execute("COMMIT")
             stats.transactions += 1
         except Exception as exc:  # noqa: BLE001 - e.g. disk full: every caller in the batch is told
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
             stats.failed_transactions += 1
             for request in batch:
                 request.result, request.error = None, exc
-        stats.calls += len(batch)
-        stats.updates += sum(len(request.ops) for request in batch)
-        self._wake(_set_all, batch)
+            if conn.in_transaction:
+                try:
+                    conn.execute("ROLLBACK")
+                except Exception:  # noqa: BLE001 - the callers must still be woken (below)
+                    log.exception("ROLLBACK after a failed commit failed too")
+        finally:
+            stats.calls += len(batch)
+            stats.updates += sum(len(request.ops) for request in batch)
+            self._wake(_set_all, batch)
 
     @staticmethod
     def _load_batch(conn: sqlite3.Connection, batch: list[_Request]) -> dict[_Slot, bytes | None]:
