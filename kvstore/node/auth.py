@@ -15,7 +15,6 @@ from __future__ import annotations
 import hmac
 import inspect
 import logging
-import os
 import time
 import tomllib
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from kvstore.certs import CertError, Identity, check_name, identity_of_pem, pars
 from kvstore.config import NodeConfig
 from kvstore.errors import KvError, PermissionDenied, Unauthenticated
 from kvstore.node.status import code_of, message_of
+from kvstore.node.watch import file_stamp
 from kvstore.tls import TlsFiles, TlsMaterial
 
 log = logging.getLogger(__name__)
@@ -157,11 +157,7 @@ class TokenFile:
         self._checked = clock()
 
     def _stat(self) -> tuple[int, int, int] | None:
-        try:
-            st = os.stat(self.path)
-        except OSError:
-            return None
-        return (st.st_mtime_ns, st.st_size, st.st_ino)
+        return file_stamp(self.path)
 
     def __len__(self) -> int:
         return len(self.table)

@@ -4,7 +4,6 @@ when `kvstore kms` changes it."""
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +11,7 @@ import trio
 
 from kvstore.config import NodeConfig
 from kvstore.errors import KvError
+from kvstore.node.watch import file_stamp
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +48,7 @@ class Keys:
         return cls(kms, sealer, Path(config.kms_keyring))
 
     def _file_stamp(self) -> tuple[int, int, int] | None:
-        if self.keyring is None:
-            return None
-        try:
-            st = os.stat(self.keyring)
-        except OSError:
-            return None
-        return (st.st_ino, st.st_mtime_ns, st.st_size)
+        return None if self.keyring is None else file_stamp(self.keyring)
 
     def reload(self) -> None:
         if self.kms is not None:

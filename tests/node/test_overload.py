@@ -126,15 +126,8 @@ async def test_request_without_deadline_gets_the_node_default(nodes) -> None:
     node = await nodes.start(admin_command_timeout_s=0.5)
     async with nodes.client(node) as kv:
         await kv.put(b"k", b"v")
-    channel = _channel(node.address)
-    try:
-        stub = admin_pb2_grpc.AdminStub(channel)
-        # a re-wrap at 0.1 records/s sleeps 10 s after its first record; sent with no deadline
-        slow = admin_pb2.CommandRequest(name="rewrap", args=msgpack.packb({"rate_per_s": 0.1}))
-        with trio.fail_after(8):
-            reply = await _finish(stub.Command.future(slow))
-    finally:
-        channel.close()
+    with trio.fail_after(8):
+        reply = await _slow_rewrap(node, timeout=None)  # sent with no deadline
     assert isinstance(reply, grpc.RpcError)
     assert reply.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert reply.details() == "deadline: no answer within 0.5s (the node default for requests sent without one)"
@@ -185,15 +178,20 @@ async def test_work_of_a_request_whose_deadline_passed_is_cancelled(nodes) -> No
     node = await nodes.start()
     async with nodes.client(node) as kv:
         await kv.put(b"k", b"v")
-    channel = _channel(node.address)
-    try:
-        stub = admin_pb2_grpc.AdminStub(channel)
-        slow = admin_pb2.CommandRequest(name="rewrap", args=msgpack.packb({"rate_per_s": 0.1}))
-        reply = await _finish(stub.Command.future(slow, timeout=0.5))
-    finally:
-        channel.close()
+    reply = await _slow_rewrap(node, timeout=0.5)
     assert isinstance(reply, grpc.RpcError) and reply.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     with trio.fail_after(5):  # the re-wrap (sleeping 10 s after its first record) was cut short
         while node.rewrap_progress.get("running"):
             await trio.sleep(0.05)
     assert node.admission.in_flight["client"] == 0
+
+
+async def _slow_rewrap(node: Any, timeout: float | None) -> Any:
+    """A command that takes 10 s (a re-wrap at 0.1 records/s sleeps after its first record):
+    its reply, or the RpcError that ended it."""
+    channel = _channel(node.address)
+    try:
+        slow = admin_pb2.CommandRequest(name="rewrap", args=msgpack.packb({"rate_per_s": 0.1}))
+        return await _finish(admin_pb2_grpc.AdminStub(channel).Command.future(slow, timeout=timeout))
+    finally:
+        channel.close()
