@@ -268,7 +268,7 @@ class Run:
         for name, _, address in nodes:
             try:
                 raw = await trio.to_thread.run_sync(admin_command, address, "purge-tombstones", {},
-                                                    ANTI_ENTROPY_TIMEOUT_S)
+                                                    ANTI_ENTROPY_TIMEOUT_S, self._admin)
                 total += int(msgpack.unpackb(raw, raw=False).get("purged", 0))
             except grpc.RpcError as exc:
                 final.notes.append(f"purge-tombstones on {name} failed: {exc.code().name}: {exc.details()}")
