@@ -29,6 +29,9 @@ class NodeConfig:
     tokens_per_node: int = 64            # vnodes; balanced allocation keeps 64 within a few % of even
     request_timeout_s: float = 5.0       # default deadline of a client request without one
     replica_timeout_s: float = 2.0       # a replica batch not answered by then counts as no ack
+    join_settle_s: float = 2.0           # a joiner waits this long after its first pass before the
+                                         # catch-up pass: writes routed just before the cluster saw
+                                         # it land on the sources within a replica timeout
     gossip_interval_s: float = 1.0       # Cassandra/memberlist LAN default
     phi_threshold: float = 8.0           # Cassandra's default: ~1e-8 chance a live node is accused
     hint_max_per_target: int = 100_000   # a cap, so an outage cannot fill the disk (Scylla #8863)
@@ -99,6 +102,7 @@ class NodeConfig:
         need(self.request_timeout_s > 0, "request_timeout_s: must be > 0")
         need(0 < self.replica_timeout_s <= self.request_timeout_s,
              "replica_timeout_s: must be > 0 and <= request_timeout_s")
+        need(self.join_settle_s >= 0, "join_settle_s: must be >= 0")
         need(self.gossip_interval_s > 0, "gossip_interval_s: must be > 0")
         need(self.phi_threshold > 0, "phi_threshold: must be > 0")
         need(self.hint_max_per_target >= 0, "hint_max_per_target: must be >= 0")
@@ -156,6 +160,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         # in-process test clusters share one interpreter (one GIL) on a busy 2-core machine
         "replica_timeout_s": 3.0,
         "request_timeout_s": 6.0,
+        # in-process clusters join many nodes per test; their in-flight writes are short
+        "join_settle_s": 0.3,
         "fsync": "never",
         "shutdown_grace_s": 2.0,
         "kms_check_interval_s": 0.2,

@@ -206,7 +206,8 @@ class Elastic:
         # its replicas just before it saw this node JOINING can still land on a source after the
         # pass below went by its key. Such writes were stamped within CATCH_UP_MARGIN_S of now
         # (by the coordinator's clock: the margin covers skew too) and land within the replica
-        # timeout; a second pass, once that has passed, pulls every record written since.
+        # timeout (join_settle_s); a second pass, once that has passed, pulls every record
+        # written since.
         seen_ms = node.now_ms()
         for source, ranges in by_source.items():
             cursor = state["cursors"].get(source)
@@ -214,7 +215,7 @@ class Elastic:
                 continue
             await self._pull(source, ranges, bytes.fromhex(cursor) if cursor else None, state)
         self.progress["phase"] = "catch-up"
-        wait_s = seen_ms / 1000 + node.config.replica_timeout_s - node.now_ms() / 1000
+        wait_s = seen_ms / 1000 + node.config.join_settle_s - node.now_ms() / 1000
         if wait_s > 0:
             await trio.sleep(wait_s)
         since = hlc.pack(max(seen_ms - int(CATCH_UP_MARGIN_S * 1000), 0), 0)
