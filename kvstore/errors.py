@@ -55,9 +55,14 @@ class ResourceExhausted(KvError):
 
 class Overloaded(ResourceExhausted):
     """The node refused the request at once because a concurrency or memory budget is spent (the
-    message names it and its limit). Nothing was done: retry with backoff, or ask another node."""
+    message names it and its limit). Nothing was done: retry with backoff, or ask another node.
+    It travels as RESOURCE_EXHAUSTED with a message starting with OVERLOADED_PREFIX, which is how
+    a client tells it from the other RESOURCE_EXHAUSTED errors (those are not retryable)."""
 
     retryable = True
+
+
+OVERLOADED_PREFIX = "overloaded: "
 
 
 class DataLoss(KvError):

@@ -3,7 +3,8 @@
 Calls go through grpcio's future API: each call registers a done-callback that wakes the waiting
 trio task with `run_sync_soon`, so no thread is spent per call and trio cancellation cancels the
 RPC. Requests are routed to a live replica of the key (token-aware); idempotent calls (reads) are
-retried on UNAVAILABLE with exponential backoff and jitter.
+retried on UNAVAILABLE with exponential backoff and jitter, and every call, writes included, is
+retried the same way when a node refused it as overloaded (refused at admission: nothing was done).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from kvstore._proto import admin_pb2, admin_pb2_grpc, kv_pb2, kv_pb2_grpc
 from kvstore.client.coalesce import MAX_BATCH_ITEMS, Coalescer
 from kvstore.client.routing import Topology
 from kvstore.core.quorum import Level
-from kvstore.errors import DeadlineExceeded, KvError, NotFound, Unavailable
+from kvstore.errors import DeadlineExceeded, KvError, NotFound, Overloaded, Unavailable
 from kvstore.node.status import error_from
 from kvstore.tls import TlsFiles, TlsMaterial, channel, client_credentials
 
@@ -233,12 +234,13 @@ class Client:
                 if self.coalesce and method in _BATCH_OF:
                     return await self._coalescer(address, method).submit(request, trio.current_time() + remaining)
                 return await _wait(getattr(self._conn(address).kv, method).future(request, timeout=remaining))
-            except Unavailable as exc:
+            except (Unavailable, Overloaded) as exc:
                 attempt += 1
-                avoid.add(address)
-                self._topology_at = -1e9  # the ring may have changed: refresh before the next try
+                avoid.add(address)  # the next try goes to another replica of the key, if any
+                if isinstance(exc, Unavailable):
+                    self._topology_at = -1e9  # the ring may have changed: refresh before the next try
                 backoff = min(0.05 * 2**attempt, 1.0) * self._rng.uniform(0.5, 1.5)
-                retry_safe = idempotent or _never_sent(exc)
+                retry_safe = idempotent or isinstance(exc, Overloaded) or _never_sent(exc)
                 if not retry_safe or attempt > self.retries or trio.current_time() + backoff >= deadline:
                     raise
                 await trio.sleep(backoff)

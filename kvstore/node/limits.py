@@ -20,7 +20,7 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any
 
-from kvstore.errors import Overloaded
+from kvstore.errors import OVERLOADED_PREFIX, Overloaded
 
 #: Admin.Status calls served at once; each is a cheap snapshot of the node's own view.
 HEALTH_CONCURRENCY = 64
@@ -88,7 +88,7 @@ class Admission:
 
     def _refuse(self, pool: str, why: str) -> None:
         self.refused[pool] += 1
-        raise Overloaded(f"overloaded: {why}; retry with backoff or use another node")
+        raise Overloaded(f"{OVERLOADED_PREFIX}{why}; retry with backoff or use another node")
 
     @property
     def replica_batches(self) -> int:

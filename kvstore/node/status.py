@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import grpc
 
-from kvstore.errors import BY_CODE_NAME, Internal, KvError
+from kvstore.errors import BY_CODE_NAME, OVERLOADED_PREFIX, Internal, KvError, Overloaded
 
 
 def code_of(exc: BaseException) -> grpc.StatusCode:
@@ -29,5 +29,7 @@ def error_from(code: grpc.StatusCode | int, message: str) -> KvError:
     """The domain error for a status received from a node (the client side of the map)."""
     if isinstance(code, int):
         code = _BY_NUMBER.get(code, grpc.StatusCode.UNKNOWN)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and message.startswith(OVERLOADED_PREFIX):
+        return Overloaded(message)  # refused at admission: nothing was done, so it is retryable
     cls = BY_CODE_NAME.get(code.name, Internal)
     return cls(message)

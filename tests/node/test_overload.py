@@ -12,6 +12,7 @@ import trio
 
 from kvstore._proto import admin_pb2, admin_pb2_grpc, kv_pb2, kv_pb2_grpc
 from kvstore.config import NodeConfig
+from kvstore.errors import Overloaded
 
 CLIENTS = 4             # separate TCP connections (own subchannel pool each)
 IN_FLIGHT_PER_CLIENT = 40  # concurrent batch calls per connection, well over its budget
@@ -197,3 +198,36 @@ async def _slow_rewrap(node: Any, timeout: float | None) -> Any:
         return await _finish(admin_pb2_grpc.AdminStub(channel).Command.future(slow, timeout=timeout))
     finally:
         channel.close()
+
+
+async def test_the_client_retries_a_refused_write_until_the_node_has_room(nodes) -> None:
+    # the node's only request slot is held by a command its 1 s deadline cuts short; a put made
+    # meanwhile is refused at admission (nothing done) and the client tries again, with backoff
+    node = await nodes.start(max_concurrent_requests=1, max_concurrent_requests_per_connection=1)
+    async with nodes.client(node) as kv:
+        await kv.put(b"k", b"v")  # the re-wrap below sleeps after its first record
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_slow_rewrap, node, 1.0)
+        with trio.fail_after(5):
+            while not node.admission.in_flight["client"]:
+                await trio.sleep(0.01)
+        async with nodes.client(node, retries=20, timeout_s=10) as kv:
+            await kv.put(b"k", b"written while the node was full")
+            assert node.admission.refused["client"] >= 1  # it was refused at least once first
+            assert (await kv.get(b"k")).value == b"written while the node was full"
+
+
+async def test_a_refusal_the_client_may_not_retry_names_the_budget(nodes) -> None:
+    node = await nodes.start(max_concurrent_requests=1, max_concurrent_requests_per_connection=1)
+    async with nodes.client(node) as kv:
+        await kv.put(b"k", b"v")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_slow_rewrap, node, 1.0)
+        with trio.fail_after(5):
+            while not node.admission.in_flight["client"]:
+                await trio.sleep(0.01)
+        async with nodes.client(node, retries=0) as kv:
+            with pytest.raises(Overloaded, match="the limit of max_concurrent_requests is 1"):
+                await kv.put(b"k", b"refused")
+    async with nodes.client(node) as kv:  # refused means not done: the old value is still there
+        assert (await kv.get(b"k")).value == b"v"
