@@ -200,17 +200,24 @@ async def _slow_rewrap(node: Any, timeout: float | None) -> Any:
         channel.close()
 
 
-async def test_the_client_retries_a_refused_write_until_the_node_has_room(nodes) -> None:
-    # the node's only request slot is held by a command its 1 s deadline cuts short; a put made
-    # meanwhile is refused at admission (nothing done) and the client tries again, with backoff
+async def _full_node(nodes, nursery: trio.Nursery) -> Any:
+    """A node with one request slot, holding k=v, whose slot a command holds until its 1 s
+    deadline cuts it short."""
     node = await nodes.start(max_concurrent_requests=1, max_concurrent_requests_per_connection=1)
     async with nodes.client(node) as kv:
-        await kv.put(b"k", b"v")  # the re-wrap below sleeps after its first record
+        await kv.put(b"k", b"v")  # the re-wrap sleeps after its first record
+    nursery.start_soon(_slow_rewrap, node, 1.0)
+    with trio.fail_after(5):
+        while not node.admission.in_flight["client"]:
+            await trio.sleep(0.01)
+    return node
+
+
+async def test_the_client_retries_a_refused_write_until_the_node_has_room(nodes) -> None:
+    # a put made while the node is full is refused at admission (nothing done) and the client
+    # tries again, with backoff, until the slot is free
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_slow_rewrap, node, 1.0)
-        with trio.fail_after(5):
-            while not node.admission.in_flight["client"]:
-                await trio.sleep(0.01)
+        node = await _full_node(nodes, nursery)
         async with nodes.client(node, retries=20, timeout_s=10) as kv:
             await kv.put(b"k", b"written while the node was full")
             assert node.admission.refused["client"] >= 1  # it was refused at least once first
@@ -218,14 +225,8 @@ async def test_the_client_retries_a_refused_write_until_the_node_has_room(nodes)
 
 
 async def test_a_refusal_the_client_may_not_retry_names_the_budget(nodes) -> None:
-    node = await nodes.start(max_concurrent_requests=1, max_concurrent_requests_per_connection=1)
-    async with nodes.client(node) as kv:
-        await kv.put(b"k", b"v")
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_slow_rewrap, node, 1.0)
-        with trio.fail_after(5):
-            while not node.admission.in_flight["client"]:
-                await trio.sleep(0.01)
+        node = await _full_node(nodes, nursery)
         async with nodes.client(node, retries=0) as kv:
             with pytest.raises(Overloaded, match="the limit of max_concurrent_requests is 1"):
                 await kv.put(b"k", b"refused")
