@@ -9,6 +9,12 @@ from __future__ import annotations
 LOGICAL_BITS = 16
 LOGICAL_MASK = (1 << LOGICAL_BITS) - 1
 
+#: How far ahead of this node's wall clock a received timestamp may be and still be followed. A
+#: node whose clock runs fast by more than this (or a forged sibling with an absurd timestamp)
+#: would otherwise drag every clock it reaches into the future for good; such a timestamp is
+#: ignored, and that node's writes then order by wall time alone.
+MAX_DRIFT_MS = 60_000
+
 
 def pack(physical_ms: int, logical: int) -> int:
     return (physical_ms << LOGICAL_BITS) | logical
@@ -23,6 +29,7 @@ class HybridClock:
 
     def __init__(self, last: int = 0) -> None:
         self.last = last
+        self.ignored = 0  # received timestamps beyond MAX_DRIFT_MS, not followed
 
     def now(self, wall_ms: int) -> int:
         phys, logical = physical_ms(self.last), self.last & LOGICAL_MASK
@@ -35,6 +42,9 @@ class HybridClock:
         return self.last
 
     def observe(self, remote: int, wall_ms: int) -> int:
-        if remote > self.last:
+        """Take a received timestamp into account: every later local event orders after it."""
+        if physical_ms(remote) > wall_ms + MAX_DRIFT_MS:
+            self.ignored += 1
+        elif remote > self.last:
             self.last = remote
         return self.now(wall_ms)

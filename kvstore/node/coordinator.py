@@ -308,9 +308,13 @@ class Coordinator:
                     record(i, peer_id, None, error_from(code, f"replica {peer_id}: {payload}"))
                     continue
                 try:
-                    record(i, peer_id, siblings_from_wire(payload) if payload is not None else [])
+                    sibs = siblings_from_wire(payload) if payload is not None else []
                 except (ValueError, TypeError) as exc:
                     record(i, peer_id, None, Unavailable(f"replica {peer_id}: bad reply: {exc}"))
+                    continue
+                if sibs:  # a received timestamp: this node's later writes order after it
+                    view.clock.observe(max(s.hlc for s in sibs), view.now_ms())
+                record(i, peer_id, sibs)
 
         async def gather() -> None:
             async with trio.open_nursery() as nursery:

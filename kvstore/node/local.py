@@ -55,6 +55,9 @@ class LocalStore:
                  drop_writes: bool = False) -> None:
         self.drop_writes = drop_writes  # test-only broken node: pretend to store, store nothing
         self.members: "Callable[[], set[str]] | None" = None  # current members, for clock pruning
+        # told the newest HLC of every sibling that arrives here, so this node's own later writes
+        # order after them (the node's HybridClock.observe)
+        self.observe_hlc: "Callable[[int], object] | None" = None
         self.engine = engine
         self.node_id = node_id
         self.limits = limits
@@ -119,6 +122,10 @@ class LocalStore:
 
             return apply
 
+        if self.observe_hlc is not None:
+            newest = max((s.hlc for _, sibs in items for s in sibs), default=0)
+            if newest:
+                self.observe_hlc(newest)
         data_items = [(i, k, s) for i, (k, s) in enumerate(items) if not (hint_for and hint_for[i])]
         hint_items = [(i, k, s) for i, (k, s) in enumerate(items) if hint_for and hint_for[i]]
         out: list[BaseException | None] = [None] * len(items)

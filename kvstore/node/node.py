@@ -131,6 +131,7 @@ class Node:
             log.warning("TEST MODE: this node acknowledges writes without storing them")
         self.rewrap_progress: dict[str, Any] = {}
         self.store.members = lambda: set(self.gossip.table) if self.gossip else set()
+        self.store.observe_hlc = lambda hlc: self.clock.observe(hlc, self.now_ms())
         self.key_count = 0
         self.clock = HybridClock()
         self.coordinator = Coordinator(self)

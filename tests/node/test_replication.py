@@ -1,6 +1,8 @@
 """Three real nodes in-process: placement, quorums, hinted handoff, siblings, read repair."""
 from __future__ import annotations
 
+import time
+
 import msgpack
 import pytest
 import trio
@@ -114,6 +116,26 @@ async def test_stale_contexts_from_two_clients_become_siblings_then_resolve(node
         assert sorted(s.value for s in got.siblings) == [b"from-a", b"from-b"]
         await b.put(b"doc", b"merged", context=got.context)
         assert [s.value for s in (await a.get(b"doc", r="all")).siblings] == [b"merged"]
+
+
+async def test_the_later_of_two_concurrent_writes_wins_even_when_its_coordinator_clock_is_behind(nodes) -> None:
+    # n2's wall clock runs 30 s behind n1's; it still saw n1's write arrive, so its own later
+    # write must carry the later hybrid timestamp, and "latest wins" must pick it
+    cluster = await nodes.cluster(3)
+    n1, n2 = cluster[0], cluster[1]
+    n2.now_ms = lambda: int(time.time() * 1000) - 30_000
+    async with nodes.client(n1, token_aware=False) as a, nodes.client(n2, token_aware=False) as b:
+        await a.put(b"doc", b"v0", w="all")
+        ctx = (await a.get(b"doc")).context
+        await a.put(b"doc", b"first, via n1", context=ctx, w="all")
+        await b.put(b"doc", b"second, via n2", context=ctx, w="all")  # concurrent: same old context
+        got = await a.get(b"doc", r="all")
+        assert sorted(s.value for s in got.siblings) == [b"first, via n1", b"second, via n2"]
+        assert got.value == b"second, via n2"
+        # and n2's writes to other keys order after what it received too
+        await b.put(b"other", b"x", w="all")
+        first = next(s for s in got.siblings if s.node_id == "n1")
+        assert (await a.get(b"other")).siblings[0].hlc > first.hlc
 
 
 async def test_read_repairs_a_stale_replica(nodes) -> None:
