@@ -303,6 +303,7 @@ class Coordinator:
                 res = await view.peer(peer_id).replicate(ops, view.config.replica_timeout_s)
             except KvError:
                 res = [(14, None)] * len(items)
+            newest = 0  # the reply's newest timestamp: this node's later writes order after it
             for i, (code, payload) in zip(items, res):
                 if code != 0:
                     record(i, peer_id, None, error_from(code, f"replica {peer_id}: {payload}"))
@@ -312,9 +313,10 @@ class Coordinator:
                 except (ValueError, TypeError) as exc:
                     record(i, peer_id, None, Unavailable(f"replica {peer_id}: bad reply: {exc}"))
                     continue
-                if sibs:  # a received timestamp: this node's later writes order after it
-                    view.clock.observe(max(s.hlc for s in sibs), view.now_ms())
+                newest = max(newest, max((s.hlc for s in sibs), default=0))
                 record(i, peer_id, sibs)
+            if newest:
+                view.clock.observe(newest, view.now_ms())
 
         async def gather() -> None:
             async with trio.open_nursery() as nursery:
