@@ -267,6 +267,7 @@ def run_node(args: argparse.Namespace) -> int:
 
     from kvstore.config import load
     from kvstore.node.node import serve
+    from kvstore.runtime import tune_gc
 
     from kvstore.node import logs
 
@@ -291,6 +292,7 @@ def run_node(args: argparse.Namespace) -> int:
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             node = await nursery.start(serve, config)
+            tune_gc()  # after startup: what exists now is frozen (kvstore/runtime.py)
             if args.ready_file:
                 tmp = args.ready_file.with_suffix(".tmp")
                 tmp.write_text(node.address)
@@ -322,6 +324,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
     import trio
 
     from kvstore.bench import BenchConfig, dumps, format_report, run_bench
+    from kvstore.runtime import tune_gc
     from kvstore.cli import connect
 
     mix = {"put": 0.0, "get": 0.0, "delete": 0.0}
@@ -342,6 +345,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"kvstore bench: {exc}", file=sys.stderr)
         return 2
+    tune_gc()  # the load generator is a long-running process too (kvstore/runtime.py)
     report = trio.run(run_bench, cfg)
     print(dumps(report) if args.json else format_report(report))
     return 0
