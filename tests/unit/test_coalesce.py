@@ -99,3 +99,46 @@ async def test_batches_respect_the_byte_cap(autojump_clock) -> None:
         for i in range(10):
             nursery.start_soon(c.submit, i, trio.current_time() + 5)
     assert max(len(b) for b in dest.batches) <= 3
+
+
+async def test_callers_woken_by_a_returning_batch_all_ride_the_next_one(autojump_clock) -> None:
+    """64 callers, each making calls back to back: every batch carries all 64. (Without letting
+    the woken callers queue first, the first of them led a batch alone or with half of them, and
+    batches alternated around 32, each op waiting a round trip more.)"""
+    dest = FakeDestination()
+    c = Coalescer(dest.send, size_of=lambda _: 1)
+
+    async def caller(i: int) -> None:
+        for n in range(5):
+            assert await c.submit(i, trio.current_time() + 5) == i * 10
+
+    async with trio.open_nursery() as nursery:
+        for i in range(64):
+            nursery.start_soon(caller, i)
+    assert [len(b) for b in dest.batches] == [64] * 5
+
+
+async def test_a_lone_call_is_sent_without_waiting(autojump_clock) -> None:
+    dest = FakeDestination(delay_s=0.01)
+    c = Coalescer(dest.send, size_of=lambda _: 1)
+    started = trio.current_time()
+    assert await c.submit(7, started + 5) == 70
+    assert trio.current_time() - started == pytest.approx(0.01)  # the round trip only: no timer
+
+
+async def test_a_leader_cancelled_while_gathering_hands_the_lead_on(autojump_clock) -> None:
+    dest = FakeDestination()
+    c = Coalescer(dest.send, size_of=lambda _: 1)
+    results = []
+
+    async def follower() -> None:
+        results.append(await c.submit(2, trio.current_time() + 5))
+
+    async with trio.open_nursery() as nursery:
+        with trio.CancelScope() as leader_scope:
+            leader_scope.cancel()  # cancelled at its first checkpoint: while it gathers callers
+            nursery.start_soon(follower)
+            with pytest.raises(trio.Cancelled):
+                await c.submit(1, trio.current_time() + 5)
+    assert results == [20]
+    assert [b for b in dest.batches] == [[2]]
