@@ -405,10 +405,16 @@ def parse_states(wire: Any) -> list[NodeState]:
     return [NodeState.from_wire(item) for item in wire]
 
 
+def ring_members(table: Table) -> tuple[RingNode, ...]:
+    """What the ring of this table depends on, by node id: equal members give an equal ring (most
+    gossip changes are heartbeats, which leave it alone)."""
+    return tuple(sorted(
+        (RingNode(s.node_id, s.address, s.zone, s.tokens)
+         for s in table.values() if s.status in RING_STATUSES and s.tokens),
+        key=lambda n: n.node_id,
+    ))
+
+
 def ring_of(table: Table) -> Ring:
     """The ring this table defines: nodes in ring statuses with their tokens."""
-    return Ring(
-        RingNode(s.node_id, s.address, s.zone, s.tokens)
-        for s in table.values()
-        if s.status in RING_STATUSES and s.tokens
-    )
+    return Ring(ring_members(table))

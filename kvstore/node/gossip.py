@@ -60,7 +60,8 @@ class Gossip:
         self.refused = 0
         self.removed_self = trio.Event()   # this node was removed by an operator: it must stop
         self.changed = trio.Event()
-        self._ring: Ring = mb.ring_of(self.table)
+        self._ring_members = mb.ring_members(self.table)
+        self._ring: Ring = Ring(self._ring_members)
         self._in_flight: set[str] = set()  # addresses with an exchange under way
         self._verifying = False            # a candidate check is under way
         self.candidates: dict[str, tuple[NodeState, int]] = {}  # unverified new members, tries
@@ -175,10 +176,15 @@ class Gossip:
             raise InvalidArgument(f"gossip states: {exc}") from None
 
     def _refresh(self) -> None:
-        ring = mb.ring_of(self.table)
-        if ring.digest() != self._ring.digest():
-            self._ring = ring
-            log.info("ring changed: %d nodes, digest %s", len(ring), ring.digest()[:12])
+        # Building a ring and its digest took a few % of a loaded node's CPU when done for every
+        # heartbeat; the members it is built from change only with membership.
+        members = mb.ring_members(self.table)
+        if members != self._ring_members:
+            self._ring_members = members
+            ring = Ring(members)
+            if ring.digest() != self._ring.digest():
+                self._ring = ring
+                log.info("ring changed: %d nodes, digest %s", len(ring), ring.digest()[:12])
         self.changed.set()
         self.changed = trio.Event()
 

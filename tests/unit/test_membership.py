@@ -30,6 +30,7 @@ from kvstore.core.membership import (
     parse_ids,
     parse_states,
     removal,
+    ring_members,
     ring_of,
     transition,
     versions_of,
@@ -373,3 +374,15 @@ def test_a_gossiped_state_listing_a_token_twice_is_malformed() -> None:
     wire = ["n2", "10.0.0.2:7000", 1, 1, "normal", [5, 5], "", {}]
     with pytest.raises(ValueError, match="tokens must be distinct"):
         NodeState.from_wire(wire)
+
+
+def test_ring_members_ignore_heartbeats_but_not_what_the_ring_is_made_of() -> None:
+    table = {n.node_id: n for n in (node("a", tokens=(1, 5)), node("b", tokens=(3, 7)))}
+    members = ring_members(table)
+    assert ring_of(table).digest() == ring_of({k: table[k] for k in ("b", "a")}).digest()
+    beat = {**table, "a": replace(table["a"], heartbeat=99)}
+    assert ring_members(beat) == members  # gossip need not rebuild the ring
+    assert ring_members({**table, "a": replace(table["a"], tokens=(1, 6))}) != members
+    assert ring_members({**table, "a": replace(table["a"], address="a:7001")}) != members
+    assert ring_members({**table, "a": replace(table["a"], status=S.LEFT)}) != members
+    assert [n.node_id for n in ring_members({**table, "c": node("c", tokens=(9,))})] == ["a", "b", "c"]
