@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from typing import Awaitable, Callable, Protocol, Sequence
 
 from kvstore.core import versions
 from kvstore.core.limits import Limits
@@ -60,6 +60,8 @@ class LocalStore:
         self.observe_hlc: "Callable[[int], object] | None" = None
         self.engine = engine
         self.node_id = node_id
+        # lowest counter a new stamp may take: raised past the dots of a failed commit
+        self._counter_floor = 0
         self.limits = limits
         self.sealer = sealer
 
@@ -68,8 +70,14 @@ class LocalStore:
         assert sibling.value is not None
         return self.sealer.open(sibling.value, value_aad(key, sibling.node, sibling.counter), key)
 
-    async def stamp_many(self, stamps: Sequence[Stamp], now_ms: int) -> list[Stamped | BaseException]:
+    async def stamp_many(
+        self, stamps: Sequence[Stamp], now_ms: int
+    ) -> tuple[list[Stamped | BaseException], Callable[[], Awaitable[None]]]:
+        """Stamp writes as this coordinator. Returns as soon as they are stamped, with a function
+        that waits for their commit here (raising if it failed): the caller can ship the stamped
+        versions to replicas meanwhile. The commit is then one acknowledgement among the others."""
         made: dict[int, Stamped] = {}
+        floor = max(now_ms, self._counter_floor)
 
         def updater(i: int, st: Stamp):
             def apply(old: bytes | None) -> bytes | None:
@@ -83,7 +91,7 @@ class LocalStore:
                 if self.members is not None:
                     context = versions.prune(context, self.members(), self.limits.max_vv_entries)
                 new, merged = versions.stamp(
-                    local, self.node_id, context, st.value, st.hlc, st.expires_at_ms, counter_floor=now_ms
+                    local, self.node_id, context, st.value, st.hlc, st.expires_at_ms, counter_floor=floor
                 )
                 self._check_siblings(st.key, merged)
                 if new.value is not None:  # sealed here, where the dot (part of the AAD) is known
@@ -97,10 +105,21 @@ class LocalStore:
 
             return apply
 
-        results = await self.engine.update_many(
+        results, commit = await self.engine.update_many_early(
             [(st.key, updater(i, st)) for i, st in enumerate(stamps)]
         )
-        return [r if isinstance(r, BaseException) else made[i] for i, r in enumerate(results)]
+
+        async def committed() -> None:
+            try:
+                await commit()
+            except BaseException:
+                # Nothing was stored, but the dots may have reached replicas: a later write must
+                # never reuse one (it would be taken for this write and dropped as a duplicate).
+                top = max((m.new.counter for m in made.values()), default=0)
+                self._counter_floor = max(self._counter_floor, top + 1)
+                raise
+
+        return [r if isinstance(r, BaseException) else made[i] for i, r in enumerate(results)], committed
 
     async def merge_many(
         self, items: Sequence[tuple[bytes, list[Sibling]]], hint_for: Sequence[str] | None = None

@@ -9,7 +9,7 @@ transaction (group commit).
 from __future__ import annotations
 
 import enum
-from typing import Callable, Protocol, Sequence
+from typing import Awaitable, Callable, Protocol, Sequence
 
 #: A pure function from the current record (None when absent) to the new record (None deletes it).
 #: It runs inside the engine's writer (possibly in a worker thread): it must not touch trio state.
@@ -38,6 +38,13 @@ class Engine(Protocol):
 
     async def update_many(self, updates: Sequence[tuple[bytes, Updater]]) -> list[UpdateResult]:
         """Apply updaters in order (several to one key compose), commit once, return results."""
+
+    async def update_many_early(
+        self, updates: Sequence[tuple[bytes, Updater]]
+    ) -> tuple[list[UpdateResult], Callable[[], Awaitable[None]]]:
+        """update_many that returns once the updaters have run, before the commit, with a function
+        that waits for the commit (raising its error: then none of these updates is stored). A
+        coordinator ships its stamped versions to replicas while its own transaction commits."""
 
     async def scan(self, after: bytes | None, limit: int) -> list[tuple[bytes, bytes]]:
         """Up to `limit` (key, record) pairs with key > `after` (all keys when None), key order."""

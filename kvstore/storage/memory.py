@@ -9,7 +9,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 from collections import Counter
-from typing import Callable, Hashable, Sequence, TypeVar
+from typing import Awaitable, Callable, Hashable, Sequence, TypeVar
 
 import trio
 
@@ -36,6 +36,10 @@ class EngineStats:
     wal_fsyncs: int = 0
     #: RESTART checkpoints run because the WAL passed `wal_restart_bytes` (sqlite only).
     wal_restarts: int = 0
+
+
+async def _committed() -> None:
+    """The commit of an in-memory update: it happened when it was applied."""
 
 
 def apply_updates(
@@ -136,6 +140,11 @@ class MemoryEngine:
     async def update_many(self, updates: Sequence[tuple[bytes, Updater]]) -> list[UpdateResult]:
         await self._enter()
         return self._update(self._data, [(bytes(key), updater) for key, updater in updates])
+
+    async def update_many_early(
+        self, updates: Sequence[tuple[bytes, Updater]]
+    ) -> tuple[list[UpdateResult], Callable[[], Awaitable[None]]]:
+        return await self.update_many(updates), _committed  # applied and committed at once
 
     async def scan(self, after: bytes | None, limit: int) -> list[tuple[bytes, bytes]]:
         await self._enter()

@@ -44,7 +44,7 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Awaitable, Callable, Sequence
 
 import trio
 
@@ -121,19 +121,35 @@ class SqliteSettings:
 class _Request:
     """One call crossing to a thread: `ops` for a write, `job` for a read."""
 
-    __slots__ = ("ops", "job", "result", "error", "done")
+    __slots__ = ("ops", "job", "result", "error", "done", "applied", "applied_result")
 
-    def __init__(self, ops: Sequence[tuple[_Slot, Updater]] = (), job: Callable | None = None):
+    def __init__(self, ops: Sequence[tuple[_Slot, Updater]] = (), job: Callable | None = None,
+                 early: bool = False):
         self.ops = ops
         self.job = job
         self.result: Any = None
         self.error: BaseException | None = None
         self.done = trio.Event()
+        # update_many_early: set once the updaters ran, before the commit
+        self.applied: trio.Event | None = trio.Event() if early else None
+        self.applied_result: Any = None
+
+
+def _set_applied(requests: Sequence[_Request]) -> None:
+    for request in requests:
+        assert request.applied is not None
+        request.applied.set()
 
 
 def _set_all(requests: Sequence[_Request]) -> None:
     for request in requests:
+        if request.applied is not None:
+            request.applied.set()  # a transaction that failed before its updaters ran
         request.done.set()
+
+
+async def _no_commit() -> None:
+    """The commit of an empty update_many_early: there is nothing to wait for."""
 
 
 def _take_batch(
@@ -219,6 +235,28 @@ class SqliteEngine:
     async def update_many(self, updates: Sequence[tuple[bytes, Updater]]) -> list[UpdateResult]:
         return await self._write([((None, bytes(key)), updater) for key, updater in updates])
 
+    async def update_many_early(
+        self, updates: Sequence[tuple[bytes, Updater]]
+    ) -> tuple[list[UpdateResult], Callable[[], Awaitable[None]]]:
+        self._check_open(writing=True)
+        if not updates:
+            await trio.lowlevel.checkpoint()
+            return [], _no_commit
+        request = _Request(ops=[((None, bytes(key)), updater) for key, updater in updates], early=True)
+        self._writes.put(request)
+        assert request.applied is not None
+        await request.applied.wait()  # also set by a failure before the updaters ran
+        if request.applied_result is None:
+            await request.done.wait()
+            raise self._write_error(request)
+
+        async def committed() -> None:
+            await request.done.wait()
+            if request.error is not None:
+                raise self._write_error(request)
+
+        return request.applied_result, committed
+
     async def scan(self, after: bytes | None, limit: int) -> list[tuple[bytes, bytes]]:
         check_limit(limit)
         if after is None:
@@ -296,10 +334,15 @@ class SqliteEngine:
         self._writes.put(request)
         await request.done.wait()
         if request.error is not None:
-            # The whole group commit failed; each caller gets its own exception object.
-            error = request.error
-            raise Internal(f"storage write to {self.path} failed: {error}") from error
+            raise self._write_error(request)
         return request.result
+
+    def _write_error(self, request: _Request) -> Internal:
+        # The whole group commit failed; each caller gets its own exception object.
+        error = request.error
+        exc = Internal(f"storage write to {self.path} failed: {error}")
+        exc.__cause__ = error
+        return exc
 
     async def _read(self, job: Callable[[sqlite3.Connection], Any]) -> Any:
         self._check_open(writing=False)
@@ -423,6 +466,10 @@ class SqliteEngine:
             staged: dict[_Slot, bytes | None] = {}
             for request in batch:
                 request.result = apply_updates(request.ops, staged, committed.__getitem__)
+                if request.applied is not None:
+                    # its caller goes on (ships the results) while the rest applies and commits
+                    request.applied_result = request.result
+                    self._wake(_set_applied, [request])
             _store(conn, {slot: rec for slot, rec in staged.items() if rec != committed[slot]})
             conn.execute("COMMIT")
             stats.transactions += 1

@@ -405,3 +405,65 @@ async def test_sqlite_keeps_every_acknowledged_write_across_kill_9(tmp_path):
         assert await engine.get_many(acked) == [b"value-" + key for key in acked]
     finally:
         await engine.aclose()
+
+
+async def test_update_many_early_hands_out_results_then_commits(engine: Engine):
+    results, committed = await engine.update_many_early(
+        [(b"a", put(b"1")), (b"a", append(b"2")), (b"b", boom)]
+    )
+    assert results[:2] == [b"1", b"12"] and isinstance(results[2], ValueError)
+    await committed()
+    assert await engine.get_many([b"a", b"b"]) == [b"12", None]
+    empty, nothing = await engine.update_many_early([])
+    assert empty == []
+    await nothing()
+
+
+async def test_sqlite_early_results_whose_commit_fails_are_not_stored(tmp_path, monkeypatch):
+    import kvstore.storage.sqlite as sqlite_module
+    from kvstore.errors import Internal
+
+    engine = await SqliteEngine.open(tmp_path / "kv.db", FsyncPolicy.ALWAYS)
+    try:
+        real_store = sqlite_module._store
+
+        def failing_store(conn, changed):
+            raise sqlite3.OperationalError("disk I/O error (injected)")
+
+        monkeypatch.setattr(sqlite_module, "_store", failing_store)
+        results, committed = await engine.update_many_early([(b"k", put(b"v"))])
+        assert results == [b"v"]  # handed out before the commit...
+        with pytest.raises(Internal, match="injected"):
+            await committed()  # ...which then failed
+        monkeypatch.setattr(sqlite_module, "_store", real_store)
+        assert await engine.get_many([b"k"]) == [None]
+        assert await engine.update_many([(b"k", put(b"w"))]) == [b"w"]  # the engine goes on
+    finally:
+        await engine.aclose()
+
+
+async def test_a_stamp_whose_commit_failed_never_gives_its_dot_to_a_later_write(tmp_path, monkeypatch):
+    """The coordinator ships stamped versions before its own commit ends. If that commit fails,
+    replicas may hold a version whose dot this node has no record of: a later write in the same
+    millisecond must not take the same dot, or replicas would drop it as a duplicate."""
+    import kvstore.storage.sqlite as sqlite_module
+    from kvstore.core.limits import Limits
+    from kvstore.kms.envelope import NullSealer
+    from kvstore.node.local import LocalStore, Stamp
+
+    engine = await SqliteEngine.open(tmp_path / "kv.db", FsyncPolicy.ALWAYS)
+    store = LocalStore(engine, "n1", Limits(), NullSealer())
+    try:
+        real_store = sqlite_module._store
+        monkeypatch.setattr(sqlite_module, "_store", lambda conn, changed: (_ for _ in ()).throw(
+            sqlite3.OperationalError("disk I/O error (injected)")))
+        [lost], committed = await store.stamp_many([Stamp(b"k", b"v1", {}, hlc=1)], now_ms=1_000)
+        with pytest.raises(Exception, match="injected"):
+            await committed()
+        monkeypatch.setattr(sqlite_module, "_store", real_store)
+        [kept], committed = await store.stamp_many([Stamp(b"k", b"v2", {}, hlc=2)], now_ms=1_000)
+        await committed()
+        assert kept.new.dot != lost.new.dot
+        assert kept.new.counter > lost.new.counter
+    finally:
+        await engine.aclose()
