@@ -2,7 +2,8 @@
 
 No timer: whenever no batch to a destination is in flight, the caller that finds it idle lets
 the callers that are already runnable queue up (a few scheduler passes), sends everything queued
-(up to a cap) and, when that batch returns, hands the lead to the next waiting caller. Under load batches grow by themselves; alone, a call goes out at once. This is the lever
+(up to a cap) and, when that batch returns, hands the lead to the next waiting caller. Under load
+batches grow by themselves; alone, a call goes out at once. This is the lever
 DESIGN.md measured (batch 1 -> 12 was worth 6x): RPC count, not bytes, is the cost.
 """
 from __future__ import annotations

@@ -38,8 +38,9 @@ class EngineStats:
     wal_restarts: int = 0
 
 
-async def _committed() -> None:
-    """The commit of an in-memory update: it happened when it was applied."""
+async def already_committed() -> None:
+    """The commit function of an update_many_early with nothing left to wait for (the memory
+    engine commits as it applies; sqlite with no updates)."""
 
 
 def apply_updates(
@@ -144,7 +145,7 @@ class MemoryEngine:
     async def update_many_early(
         self, updates: Sequence[tuple[bytes, Updater]]
     ) -> tuple[list[UpdateResult], Callable[[], Awaitable[None]]]:
-        return await self.update_many(updates), _committed  # applied and committed at once
+        return await self.update_many(updates), already_committed
 
     async def scan(self, after: bytes | None, limit: int) -> list[tuple[bytes, bytes]]:
         await self._enter()

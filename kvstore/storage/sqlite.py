@@ -50,7 +50,7 @@ import trio
 
 from kvstore.errors import Internal
 from kvstore.storage.base import FsyncPolicy, Updater, UpdateResult
-from kvstore.storage.memory import EngineStats, apply_updates, check_limit, unchanged_deleter
+from kvstore.storage.memory import EngineStats, already_committed, apply_updates, check_limit, unchanged_deleter
 
 #: Version of the table layout, stored in `meta`. Bump it (and add a migration) on any change.
 FORMAT_VERSION = 2
@@ -135,21 +135,11 @@ class _Request:
         self.applied_result: Any = None
 
 
-def _set_applied(requests: Sequence[_Request]) -> None:
-    for request in requests:
-        assert request.applied is not None
-        request.applied.set()
-
-
 def _set_all(requests: Sequence[_Request]) -> None:
     for request in requests:
         if request.applied is not None:
             request.applied.set()  # a transaction that failed before its updaters ran
         request.done.set()
-
-
-async def _no_commit() -> None:
-    """The commit of an empty update_many_early: there is nothing to wait for."""
 
 
 def _take_batch(
@@ -241,7 +231,7 @@ class SqliteEngine:
         self._check_open(writing=True)
         if not updates:
             await trio.lowlevel.checkpoint()
-            return [], _no_commit
+            return [], already_committed
         request = _Request(ops=[((None, bytes(key)), updater) for key, updater in updates], early=True)
         self._writes.put(request)
         assert request.applied is not None
@@ -469,7 +459,7 @@ class SqliteEngine:
                 if request.applied is not None:
                     # its caller goes on (ships the results) while the rest applies and commits
                     request.applied_result = request.result
-                    self._wake(_set_applied, [request])
+                    self._wake(request.applied.set)
             _store(conn, {slot: rec for slot, rec in staged.items() if rec != committed[slot]})
             conn.execute("COMMIT")
             stats.transactions += 1
