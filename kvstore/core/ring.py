@@ -132,6 +132,17 @@ class Ring:
             return []
         return list(self._replicas_at(self._start_index(key_or_token), n))
 
+    def replicas_of(self, key: bytes, n: int) -> tuple[str, ...]:
+        """`preference_list` of a key as the ring's own tuple, not a copy: the per-key hot path."""
+        tokens = self._tokens
+        if n < 1 or not tokens:
+            return tuple(self.preference_list(key, n))  # raises for a bad n; () for an empty ring
+        token = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big")
+        index = bisect.bisect_left(tokens, token) % len(tokens)
+        table = self._replica_tables.get(n)
+        replicas = table[index] if table is not None else None
+        return replicas if replicas is not None else self._replicas_at(index, n)
+
     def walk(self, key_or_token: KeyOrToken) -> Iterator[str]:
         """Every node once, clockwise from the key's token: the fallbacks for sloppy quorums."""
         if not self._tokens:

@@ -14,6 +14,7 @@ import trio
 from kvstore._proto import kv_pb2
 from kvstore.core import quorum
 from kvstore.core.records import decode_context, encode_context
+from kvstore.core.ring import Ring
 from kvstore.core.versions import Sibling
 from kvstore.errors import KvError, Unavailable
 from kvstore.node.coordinator import ReadReq, ReadResult, WriteReq
@@ -33,11 +34,20 @@ def _status(exc: BaseException) -> kv_pb2.ItemStatus:
 def _level(field: str, level: kv_pb2.Level, n: int, ring_size: int) -> int:
     """Acks needed. Counts are checked against n; named levels resolve against the replicas that
     exist, so a cluster smaller than n (a dev node) still serves QUORUM with what it has."""
-    lv = quorum.Level(level.named, level.count)
-    needed = quorum.required(field, lv, n)
-    if lv.count:
-        return needed
-    return quorum.required(field, lv, max(1, min(n, ring_size)))
+    memo = (field, level.named, level.count, n, ring_size)
+    needed = _LEVELS.get(memo)
+    if needed is None:  # a batch's items almost always ask the same: resolved once, then looked up
+        lv = quorum.Level(level.named, level.count)
+        needed = quorum.required(field, lv, n)  # raises for a bad level: never memoised
+        if not lv.count:
+            needed = quorum.required(field, lv, max(1, min(n, ring_size)))
+        if len(_LEVELS) >= 4096:
+            _LEVELS.clear()
+        _LEVELS[memo] = needed
+    return needed
+
+
+_LEVELS: dict[tuple[str, int, int, int, int], int] = {}
 
 
 class Api:
@@ -145,10 +155,11 @@ class Api:
         those forwarded (by target node); an invalid item gets its status and goes nowhere."""
         local: list[tuple[int, Any]] = []
         remote: dict[str, list[int]] = {}
+        ring = self.node.ring()
         for i, item in enumerate(items):
             try:
                 req = build(item)
-                target = self._route(req.key, req.n, forwarded)
+                target = self._route(ring, req, forwarded)
             except KvError as exc:
                 statuses[i] = _status(exc)
                 continue
@@ -158,12 +169,12 @@ class Api:
                 remote.setdefault(target, []).append(i)
         return local, remote
 
-    def _route(self, key: bytes, n: int, forwarded: bool) -> str | None:
-        """None to coordinate here, else the replica to forward to."""
-        ring = self.node.ring()
+    def _route(self, ring: Ring, req: WriteReq | ReadReq, forwarded: bool) -> str | None:
+        """None to coordinate here (the key's replicas noted in `req.pref`), else the replica to
+        forward to."""
         if len(ring) == 0:
             raise Unavailable("the ring is empty: this node has not joined a cluster yet")
-        pref = ring.preference_list(key, n)
+        pref = req.pref = ring.replicas_of(req.key, req.n)
         if forwarded or self.node.node_id in pref:
             return None
         for node_id in pref:

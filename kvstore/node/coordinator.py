@@ -52,6 +52,7 @@ class WriteReq:
     ttl_s: int = 0
     conditional: bool = False
     blind: bool = False          # no context supplied: supersede what the coordinator holds
+    pref: tuple[str, ...] = ()   # the key's replicas, when the caller routed it already
 
 
 @dataclass
@@ -60,6 +61,7 @@ class ReadReq:
     n: int
     r: int
     strict: bool = False
+    pref: tuple[str, ...] = ()   # the key's replicas, when the caller routed it already
 
 
 @dataclass
@@ -146,7 +148,7 @@ class Coordinator:
             results[i] = st.new.clock()
             pending = _Pending(needed=req.w, outstanding=1)  # 1: this node's own commit
             pendings[i] = pending
-            pref = ring.preference_list(req.key, req.n)
+            pref = req.pref or ring.replicas_of(req.key, req.n)
             # ranges moving to a joining node or away from a leaving one: the new replicas must
             # get the write too, and it is not acknowledged until they have it (as Cassandra)
             for target in view.elastic.pending(req.key, req.n, pref) if moving else ():
@@ -288,7 +290,7 @@ class Coordinator:
         spares_left = [0] * len(reqs)
         is_up = _liveness(view)
         for i, req in enumerate(reqs):
-            pref = ring.preference_list(req.key, req.n)
+            pref = req.pref or ring.replicas_of(req.key, req.n)
             live = [t for t in pref if t == view.node_id or is_up(t)]
             live.sort(key=lambda t: t != view.node_id)
             everyone = view.rng.random() < view.config.read_repair_chance
@@ -308,9 +310,24 @@ class Coordinator:
             log.debug("read of %d keys: %d here, replicas %s", len(reqs), len(local_items),
                       ",".join(f"{p}:{len(it)}" for p, it in first.items()) or "-")
 
+        # An item is settled once it has R replies or nobody is left to ask; settled stays
+        # settled, so a count of the unsettled ones is kept (rechecking every item on every
+        # reply made a batch quadratic in its size).
+        settled = [False] * len(reqs)
+        unsettled = len(reqs)
+
+        def check(i: int) -> None:
+            nonlocal unsettled
+            if not settled[i] and (len(replies[i]) >= needed[i] or (outstanding[i] <= 0 and spares_left[i] <= 0)):
+                settled[i] = True
+                unsettled -= 1
+            if unsettled == 0:
+                all_done.set()
+
         def settle() -> None:
-            if all(len(replies[i]) >= needed[i] or (outstanding[i] <= 0 and spares_left[i] <= 0)
-                   for i in range(len(reqs))):
+            for i in range(len(reqs)):
+                check(i)
+            if unsettled == 0:
                 all_done.set()
 
         def record(i: int, node: str, sibs: list[Sibling] | None, err: KvError | None = None) -> None:
@@ -319,7 +336,7 @@ class Coordinator:
                 replies[i][node] = sibs
             elif err is not None and errors[i] is None:
                 errors[i] = err
-            settle()
+            check(i)
 
         async def ask(peer_id: str, items: list[int]) -> None:
             ops = [ReadOp(reqs[i].key) for i in items]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import bisect
 import logging
 from dataclasses import replace
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import trio
 
@@ -102,7 +102,7 @@ class Elastic:
             self._future = (stamp, mb.ring_of(future))
         return self._future[1]
 
-    def pending(self, key: bytes, n: int, current: list[str]) -> list[str]:
+    def pending(self, key: bytes, n: int, current: Sequence[str]) -> list[str]:
         """Replicas a write must also reach because ranges are moving to them."""
         if not self.moving():
             return []

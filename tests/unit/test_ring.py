@@ -110,6 +110,10 @@ def test_preference_list_has_n_distinct_nodes_and_matches_naive_model(nodes, key
         replicas = ring.preference_list(key, n)
         assert len(set(replicas)) == len(replicas) == min(n, len(nodes))
         assert replicas == naive_preference_list(nodes, key, n)
+        if isinstance(key, bytes):  # the hot path's form: the same replicas, computed cold or cached
+            cold = Ring(nodes)
+            assert cold.replicas_of(key, n) == tuple(replicas)
+            assert cold.replicas_of(key, n) == ring.replicas_of(key, n) == tuple(replicas)
 
 
 @FAST
