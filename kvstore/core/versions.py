@@ -93,6 +93,17 @@ def merge(*sets: Sequence[Sibling]) -> list[Sibling]:
     A dot identifies one write, so equal dots are the same sibling. A sibling survives unless some
     sibling's context covers its dot. The result is in a canonical order (hlc, node, counter).
     """
+    if len(sets) == 2 and len(sets[1]) == 1:
+        # The usual write: one new version whose context covers everything held (what a
+        # coordinator stamps, what a replica receives). It alone survives; no join needed.
+        new = sets[1][0]
+        vv = new.vv
+        if vv.get(new.node, 0) < new.counter:
+            for s in sets[0]:
+                if vv.get(s.node, 0) < s.counter or s.vv.get(new.node, 0) >= new.counter:
+                    break  # something held is concurrent with it, or already covers it
+            else:
+                return [new]
     by_dot: dict[tuple[str, int], Sibling] = {}
     for siblings in sets:
         for s in siblings:

@@ -51,6 +51,22 @@ def test_merge_is_idempotent(h: dict[str, list[Sibling]]) -> None:
     assert versions.merge(h["a"], h["a"]) == versions.merge(h["a"])
 
 
+@settings(max_examples=300)
+@given(histories(), st.sampled_from(NODES))
+def test_merging_in_one_sibling_takes_the_short_cut_only_when_it_changes_nothing(h, source) -> None:
+    """merge(held, [one]) has a fast path for the usual write; it must give what the general
+    merge gives (three sets always take the general path), whatever the histories."""
+    for one in h[source]:
+        for held in h.values():
+            assert versions.merge(held, [one]) == versions.merge(held, [one], [])
+    incoming, _ = versions.stamp(h["a"], "a", versions.context_of(h["a"]), b"new", 0)
+    for held in h.values():
+        assert versions.merge(held, [incoming]) == versions.merge(held, [incoming], [])
+    # forged: each covers the other's dot (no real history does this; a bad replica could send it)
+    held, forged = [Sibling("b", 5, {"a": 3}, b"x")], Sibling("a", 3, {"b": 5}, b"y")
+    assert versions.merge(held, [forged]) == versions.merge(held, [forged], []) == []
+
+
 def naive_survivors(siblings: list[Sibling]) -> set:
     """Reference: a write survives unless some other write's context saw it."""
     return {s.dot for s in siblings if not any(o.vv.get(s.node, 0) >= s.counter for o in siblings)}
