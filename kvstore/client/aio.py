@@ -66,8 +66,18 @@ class Versions:
 
 
 def _level(level: str | int | Level | None) -> kv_pb2.Level:
-    lv = Level.parse(level)
-    return kv_pb2.Level(named=int(lv.named), count=lv.count)
+    """The request field for a level. Shared per spelling (a message is copied into the request
+    that takes it, so the shared one is never changed)."""
+    found = _LEVELS.get(level) if isinstance(level, (str, int, type(None))) else None
+    if found is None:
+        lv = Level.parse(level)
+        found = kv_pb2.Level(named=int(lv.named), count=lv.count)
+        if isinstance(level, (str, int, type(None))) and len(_LEVELS) < 256:
+            _LEVELS[level] = found
+    return found
+
+
+_LEVELS: dict[str | int | None, kv_pb2.Level] = {}
 
 
 def _versions(resp: kv_pb2.GetResponse) -> Versions:
@@ -163,6 +173,7 @@ class Client:
         self._topology_at = -1e9
         self._home: str | None = None
         self._rng = random.Random()
+        self._options_memo: dict[tuple[int, bool], kv_pb2.Options] = {}
         self._credentials = client_credentials(tls, token)
 
     async def __aenter__(self) -> "Client":
@@ -183,7 +194,10 @@ class Client:
         return conn
 
     def _options(self, strict: bool) -> kv_pb2.Options:
-        return kv_pb2.Options(n=self.n, strict=strict)
+        found = self._options_memo.get((self.n, strict))  # shared, like _level's
+        if found is None:
+            found = self._options_memo[(self.n, strict)] = kv_pb2.Options(n=self.n, strict=strict)
+        return found
 
     # ---- routing -------------------------------------------------------------------------
 
@@ -232,7 +246,7 @@ class Client:
                 raise DeadlineExceeded(f"{method}: no answer within {timeout:.1f}s")
             try:
                 if self.coalesce and method in _BATCH_OF:
-                    return await self._coalescer(address, method).submit(request, trio.current_time() + remaining)
+                    return await self._coalescer(address, method).submit(request, deadline)
                 return await _wait(getattr(self._conn(address).kv, method).future(request, timeout=remaining))
             except (Unavailable, Overloaded) as exc:
                 attempt += 1

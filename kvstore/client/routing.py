@@ -26,7 +26,7 @@ class Topology:
         one (so a session's calls share batches), else the first such node."""
         if len(self.ring) == 0:
             return None
-        pref = self.ring.preference_list(key, n or self.n)
+        pref = self.ring.replicas_of(key, n or self.n)
         if home is not None and home not in avoid:
             for node_id in pref:
                 if self.addresses.get(node_id) == home and node_id in self.up:

@@ -6,7 +6,7 @@ import trio
 import trio.testing
 
 from kvstore.client.coalesce import Coalescer
-from kvstore.errors import InvalidArgument, Unavailable
+from kvstore.errors import DeadlineExceeded, InvalidArgument, Unavailable
 
 
 class FakeDestination:
@@ -142,3 +142,39 @@ async def test_a_leader_cancelled_while_gathering_hands_the_lead_on(autojump_clo
                 await c.submit(1, trio.current_time() + 5)
     assert results == [20]
     assert [b for b in dest.batches] == [[2]]
+
+
+class HangingDestination:
+    """Answers nothing; gives up at the batch's timeout, as a gRPC deadline does."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+
+    async def send(self, items, timeout_s):
+        self.batches.append(list(items))
+        await trio.sleep(timeout_s)
+        raise DeadlineExceeded("deadline exceeded")
+
+
+async def test_no_call_outwaits_its_deadline_behind_a_hung_batch(autojump_clock) -> None:
+    """A short timeout queued behind calls with long ones ends at its own deadline (it gets a
+    cancel scope); a call whose deadline is the latest ends by it too (through the batches)."""
+    dest = HangingDestination()
+    c = Coalescer(dest.send, size_of=lambda _: 1)
+    start = trio.current_time()
+    ended: dict[str, float] = {}
+
+    async def call(name: str, delay: float, timeout: float) -> None:
+        await trio.sleep(delay)
+        with pytest.raises(DeadlineExceeded):
+            await c.submit(name, trio.current_time() + timeout)
+        ended[name] = trio.current_time() - start
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(call, "long", 0, 5.0)       # leads, then hangs in flight until t=5
+        nursery.start_soon(call, "short", 0.1, 0.5)    # queued behind it: deadline t=0.6
+        nursery.start_soon(call, "later", 0.2, 5.0)    # queued too: deadline t=5.2
+    assert ended["long"] == pytest.approx(5.0, abs=0.01)
+    assert ended["short"] == pytest.approx(0.6, abs=0.01)
+    assert ended["later"] == pytest.approx(5.2, abs=0.01)
+    assert dest.batches == [["long"], ["later"]]
