@@ -112,6 +112,8 @@ async def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     stats = {"put": OpStats(), "get": OpStats(), "delete": OpStats()}
     ops = ["put", "get", "delete"]
     weights = [cfg.put_ratio, cfg.get_ratio, cfg.delete_ratio]
+    mixed = [op for op, w in zip(ops, weights) if w > 0]
+    only = mixed[0] if len(mixed) == 1 else None  # one kind of op: no draw per op (as etcd's loop)
     async with Client(list(cfg.addresses), timeout_s=10.0, tls=cfg.tls, token=cfg.token) as kv:
         if cfg.prefill:
             for start in range(0, cfg.keys, 500):
@@ -131,7 +133,7 @@ async def run_bench(cfg: BenchConfig) -> dict[str, Any]:
             nonlocal issued
             while trio.current_time() < deadline and (not cfg.max_ops or issued < cfg.max_ops):
                 issued += 1
-                op = rng.choices(ops, weights)[0]
+                op = only if only else rng.choices(ops, weights)[0]
                 key = choose()
                 t0 = trio.current_time()
                 try:
