@@ -17,6 +17,7 @@ DEK's framing; a wrapped DEK swapped for another yields a different DEK, and the
 """
 from __future__ import annotations
 
+import os
 import secrets
 import threading
 import time
@@ -96,7 +97,15 @@ class _CurrentDek:
 
 def _aad(kek_id: str, aad: bytes) -> bytes:
     # A msgpack array is self-delimiting, so prefix + caller AAD is an unambiguous encoding.
-    return msgpack.packb([_AAD_LABEL, ENVELOPE_FORMAT, kek_id], use_bin_type=True) + aad
+    prefix = _AAD_PREFIXES.get(kek_id)
+    if prefix is None:  # one per KEK id: built once, not per value
+        prefix = msgpack.packb([_AAD_LABEL, ENVELOPE_FORMAT, kek_id], use_bin_type=True)
+        if len(_AAD_PREFIXES) < 1024:
+            _AAD_PREFIXES[kek_id] = prefix
+    return prefix + aad
+
+
+_AAD_PREFIXES: dict[str, bytes] = {}
 
 
 def _where(key_for_errors: bytes | None) -> str:
@@ -105,29 +114,28 @@ def _where(key_for_errors: bytes | None) -> str:
 
 def _parse(envelope: Any, key_for_errors: bytes | None) -> list:
     """The fields of an envelope of any known format; DataLoss naming the key otherwise."""
-    where = _where(key_for_errors)
     try:
         doc = msgpack.unpackb(envelope, raw=False, use_list=True) if isinstance(envelope, bytes) else None
     except (ValueError, TypeError, OverflowError, msgpack.UnpackException):
         doc = None
     if not isinstance(doc, list) or not doc:
-        raise DataLoss(f"{where}: the envelope is malformed (not a msgpack array)")
+        raise DataLoss(f"{_where(key_for_errors)}: the envelope is malformed (not a msgpack array)")
     fmt = doc[0]
     if type(fmt) is int and fmt == PLAINTEXT_FORMAT:  # `type is`: False and 1.0 are not formats
         if len(doc) != 2 or not isinstance(doc[1], bytes):
-            raise DataLoss(f"{where}: the plaintext envelope is malformed")
+            raise DataLoss(f"{_where(key_for_errors)}: the plaintext envelope is malformed")
         return doc
     if type(fmt) is not int or fmt != ENVELOPE_FORMAT:
         raise DataLoss(
-            f"{where}: unknown envelope format {fmt!r} (this node reads {ENVELOPE_FORMAT} and {PLAINTEXT_FORMAT})"
+            f"{_where(key_for_errors)}: unknown envelope format {fmt!r} (this node reads {ENVELOPE_FORMAT} and {PLAINTEXT_FORMAT})"
         )
     if len(doc) != 6:
-        raise DataLoss(f"{where}: the envelope has {len(doc)} fields, format {ENVELOPE_FORMAT} has 6")
+        raise DataLoss(f"{_where(key_for_errors)}: the envelope has {len(doc)} fields, format {ENVELOPE_FORMAT} has 6")
     _, kek_id, version, wrapped, nonce, ciphertext = doc
     if not isinstance(kek_id, str) or not isinstance(version, int) or isinstance(version, bool) or version < 1 \
             or not isinstance(wrapped, bytes) or not isinstance(nonce, bytes) or len(nonce) != NONCE_BYTES \
             or not isinstance(ciphertext, bytes) or len(ciphertext) < TAG_BYTES:
-        raise DataLoss(f"{where}: the envelope header is malformed")
+        raise DataLoss(f"{_where(key_for_errors)}: the envelope header is malformed")
     return doc
 
 
@@ -170,7 +178,7 @@ class Sealer:
     def seal(self, plaintext: bytes, aad: bytes) -> bytes:
         with self._lock:
             dek = self._sealing_dek(self._clock())
-        nonce = secrets.token_bytes(NONCE_BYTES)
+        nonce = os.urandom(NONCE_BYTES)  # what secrets.token_bytes returns, without its two calls
         ciphertext = dek.cipher.encrypt(nonce, plaintext, _aad(dek.kek_id, aad))
         return msgpack.packb(
             [ENVELOPE_FORMAT, dek.kek_id, dek.kek_version, dek.wrapped, nonce, ciphertext], use_bin_type=True
