@@ -92,17 +92,35 @@ def encode_record(siblings: Sequence[Sibling]) -> bytes:
     return _packb([RECORD_FORMAT, [sibling_to_wire(s) for s in siblings]])
 
 
+def _record_siblings(data: bytes) -> list[Sibling]:
+    try:
+        doc = _unpackb(data)
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise ValueError(f"record is not msgpack: {exc}") from None
+    if not isinstance(doc, list) or len(doc) < 2:
+        raise ValueError("record must be an array [format, siblings]")
+    if doc[0] != RECORD_FORMAT:
+        raise ValueError(f"unknown record format {doc[0]!r} (this node reads {RECORD_FORMAT})")
+    return siblings_from_wire(doc[1])
+
+
 def decode_record(data: bytes, key: bytes = b"") -> list[Sibling]:
     """Decode a stored record; a corrupt one raises DataLoss naming the key."""
     try:
-        doc = _unpackb(data)
-        if not isinstance(doc, list) or len(doc) < 2:
-            raise ValueError("record must be an array [format, siblings]")
-        if doc[0] != RECORD_FORMAT:
-            raise ValueError(f"unknown record format {doc[0]!r} (this node reads {RECORD_FORMAT})")
-        return siblings_from_wire(doc[1])
-    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        return _record_siblings(data)
+    except (ValueError, TypeError) as exc:
         raise DataLoss(f"record of key {key!r} is corrupt: {exc}") from None
+
+
+def siblings_from_reply(payload: Any) -> list[Sibling]:
+    """A replica's answer to a read op: the bytes of its stored record as they are (None when it
+    holds none), so it decodes nothing and a reader holding the same bytes decodes nothing more;
+    older nodes sent the siblings as an array. Raises ValueError when malformed."""
+    if payload is None:
+        return []
+    if isinstance(payload, bytes):
+        return _record_siblings(payload)
+    return siblings_from_wire(payload)
 
 
 def value_aad(key: bytes, node: str, counter: int) -> bytes:

@@ -14,12 +14,12 @@ import trio
 from kvstore.config import NodeConfig
 from kvstore.core import versions
 from kvstore.core.hlc import HybridClock
-from kvstore.core.records import siblings_from_wire
+from kvstore.core.records import siblings_from_reply
 from kvstore.core.ring import Ring
 from kvstore.core.versions import Sibling, VersionVector
 from kvstore.core.wire import ReadOp, WriteOp
-from kvstore.errors import KvError, Unavailable
-from kvstore.node.local import LocalStore, Stamp
+from kvstore.errors import DataLoss, KvError, Unavailable
+from kvstore.node.local import LocalStore, Stamp, decode_records
 from kvstore.node.peers import Peer
 from kvstore.node.status import error_from
 
@@ -338,6 +338,11 @@ class Coordinator:
                 errors[i] = err
             check(i)
 
+        # this node's records, as stored and decoded: a replica answering the same bytes (the
+        # usual case) needs no decoding, no merge and no clock update
+        local_raw: dict[int, bytes | None] = {}
+        local_sibs: dict[int, list[Sibling]] = {}
+
         async def ask(peer_id: str, items: list[int]) -> None:
             ops = [ReadOp(reqs[i].key) for i in items]
             try:
@@ -349,10 +354,14 @@ class Coordinator:
                 if code != 0:
                     record(i, peer_id, None, error_from(code, f"replica {peer_id}: {payload}"))
                     continue
+                if i in local_sibs and payload == local_raw[i]:
+                    record(i, peer_id, local_sibs[i])
+                    continue
                 try:
-                    sibs = siblings_from_wire(payload) if payload is not None else []
+                    sibs = siblings_from_reply(payload)
                 except (ValueError, TypeError) as exc:
-                    record(i, peer_id, None, Unavailable(f"replica {peer_id}: bad reply: {exc}"))
+                    bad = DataLoss if isinstance(payload, bytes) else Unavailable
+                    record(i, peer_id, None, bad(f"replica {peer_id}: key {reqs[i].key[:64]!r}: bad reply: {exc}"))
                     continue
                 newest = max(newest, max((s.hlc for s in sibs), default=0))
                 record(i, peer_id, sibs)
@@ -364,11 +373,13 @@ class Coordinator:
                 for peer_id, items in first.items():
                     nursery.start_soon(ask, peer_id, items)
                 if local_items:
-                    local = await view.store.read_many([reqs[i].key for i in local_items])
-                    for i, sibs in zip(local_items, local):
+                    keys = [reqs[i].key for i in local_items]
+                    raw = await view.store.read_raw_many(keys)
+                    for i, r, sibs in zip(local_items, raw, decode_records(keys, raw)):
                         if isinstance(sibs, KvError):  # e.g. a corrupt record: others may answer
                             record(i, view.node_id, None, sibs)
                         else:
+                            local_raw[i], local_sibs[i] = r, sibs
                             record(i, view.node_id, sibs)
             # replicas that failed or were short: ask the spares of the items still lacking replies
             second: dict[str, list[int]] = {}
@@ -406,7 +417,8 @@ class Coordinator:
                         f"(answered: {', '.join(sorted(got)) or 'none'})"
                     ))
                 continue
-            merged = versions.merge(*got.values())
+            # replicas that agree hold the same versions in merge's canonical order already
+            merged = next(iter(got.values())) if _same_dots(got.values()) else versions.merge(*got.values())
             out.append(ReadResult(merged, versions.context_of(merged)))
         return out
 

@@ -50,6 +50,17 @@ class Sealer(Protocol):
     def open(self, envelope: bytes, aad: bytes, key_for_errors: bytes | None = None) -> bytes: ...
 
 
+def decode_records(keys: Sequence[bytes], raw: Sequence[bytes | None]) -> list[list[Sibling] | KvError]:
+    """Siblings per stored record (none for None); a corrupt record yields DataLoss in its slot."""
+    out: list[list[Sibling] | KvError] = []
+    for k, r in zip(keys, raw):
+        try:
+            out.append(decode_record(r, k) if r else [])
+        except KvError as exc:
+            out.append(exc)
+    return out
+
+
 class LocalStore:
     def __init__(self, engine: Engine, node_id: str, limits: Limits, sealer: Sealer,
                  drop_writes: bool = False) -> None:
@@ -182,16 +193,13 @@ class LocalStore:
         await self.engine.update_many([(k, updater(i, k, d)) for i, (k, d) in enumerate(items)])
         return sum(purged)
 
+    async def read_raw_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
+        """The stored records' bytes, undecoded (None where there is none)."""
+        return await self.engine.get_many(keys)
+
     async def read_many(self, keys: Sequence[bytes]) -> list[list[Sibling] | KvError]:
         """Stored siblings per key; a corrupt record yields DataLoss in its slot only."""
-        raw = await self.engine.get_many(keys)
-        out: list[list[Sibling] | KvError] = []
-        for k, r in zip(keys, raw):
-            try:
-                out.append(decode_record(r, k) if r else [])
-            except KvError as exc:
-                out.append(exc)
-        return out
+        return decode_records(keys, await self.engine.get_many(keys))
 
     def _check_siblings(self, key: bytes, merged: list[Sibling]) -> None:
         self.limits.check_siblings(len(merged), key)

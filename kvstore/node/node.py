@@ -21,10 +21,9 @@ from kvstore.core import ring as ringmod
 from kvstore.core import wire
 from kvstore.core.hlc import HybridClock
 from kvstore.core.membership import NodeState, Status, ring_of
-from kvstore.core.records import sibling_to_wire
 from kvstore.core.ring import Ring
 from kvstore.core.hlc import physical_ms
-from kvstore.core.records import decode_record, encode_record, siblings_from_wire
+from kvstore.core.records import decode_record, encode_record, siblings_from_reply
 from kvstore.core.wire import PurgeOp, ReadOp, WriteOp
 from kvstore.certs import CertError
 from kvstore.errors import InvalidArgument, KvError, PermissionDenied, ResourceExhausted, Unavailable
@@ -372,12 +371,11 @@ class Node:
                 if isinstance(res, BaseException):
                     results[i] = (number_of(code_of(res)), message_of(res))
         if reads:
-            stored = await self.store.read_many([op.key for _, op in reads])
-            for (i, _), res in zip(reads, stored):
-                if isinstance(res, KvError):
-                    results[i] = (number_of(code_of(res)), message_of(res))
-                else:
-                    results[i] = (0, [sibling_to_wire(s) for s in res])
+            # the stored bytes as they are: the reader decodes them (records.siblings_from_reply),
+            # or, holding the same bytes itself, does not even do that
+            stored = await self.store.read_raw_many([op.key for _, op in reads])
+            for (i, _), raw in zip(reads, stored):
+                results[i] = (0, raw)
         return wire.encode_reply(batch_id, results)
 
     async def handle_call(self, payload: bytes) -> bytes:
@@ -560,10 +558,10 @@ class Node:
             except KvError:
                 replies = [(14, None)] * len(keys)
             for key, (code, payload) in zip(keys, replies):
-                ok = code == 0 and isinstance(payload, list)
+                ok = code == 0 and payload is not None
                 if ok:
                     try:
-                        theirs = siblings_from_wire(payload)
+                        theirs = siblings_from_reply(payload)
                         ok = all(s.tombstone for s in theirs) and {s.dot for s in theirs} == agreed.get(key)
                     except (ValueError, TypeError):
                         ok = False

@@ -13,7 +13,7 @@ from typing import Any
 import trio
 
 from kvstore.core.merkle import MerkleTree, keys_differing, version_hash
-from kvstore.core.records import decode_record, siblings_from_wire
+from kvstore.core.records import decode_record, siblings_from_reply
 from kvstore.core.ring import key_token
 from kvstore.core.wire import ReadOp, WriteOp
 from kvstore.errors import InvalidArgument, KvError
@@ -131,7 +131,7 @@ class Repair:
         for i in range(0, len(differing), EXCHANGE_BATCH):
             keys = differing[i:i + EXCHANGE_BATCH]
             replies = await peer.replicate([ReadOp(k) for k in keys], node.config.replica_timeout_s * 5)
-            pulled = [(k, siblings_from_wire(p)) for k, (code, p) in zip(keys, replies) if code == 0 and p]
+            pulled = [(k, siblings_from_reply(p)) for k, (code, p) in zip(keys, replies) if code == 0 and p]
             if pulled:
                 await node.store.merge_many(pulled)
                 self.progress["keys_pulled"] += len(pulled)

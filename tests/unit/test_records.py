@@ -11,6 +11,8 @@ from kvstore.core.records import (
     decode_record,
     encode_context,
     encode_record,
+    sibling_to_wire,
+    siblings_from_reply,
 )
 from kvstore.core.versions import Sibling
 from kvstore.errors import DataLoss, InvalidArgument
@@ -85,3 +87,19 @@ def test_a_sibling_whose_vector_covers_its_own_dot_is_refused() -> None:
     forged = encode_record([Sibling("n1", 5, {"n1": 5, "n2": 9}, b"v", 1)])
     with pytest.raises(DataLoss, match=r"\(n1, 5\) has a version vector that already covers its own dot"):
         decode_record(forged, b"k")
+
+
+@settings(max_examples=200)
+@given(siblings)
+def test_a_read_reply_decodes_from_record_bytes_and_from_the_older_array_form(sibs: list[Sibling]) -> None:
+    """Replicas answer read ops with their stored record's bytes; nodes before that sent the
+    siblings as an array. Both decode to the same siblings; None means the replica holds none."""
+    assert siblings_from_reply(encode_record(sibs)) == sibs
+    assert siblings_from_reply([sibling_to_wire(s) for s in sibs]) == sibs
+    assert siblings_from_reply(None) == []
+
+
+@pytest.mark.parametrize("bad", [b"\xc1", msgpack.packb([99, []]), msgpack.packb([1, [["n", 0, {}, 0, 0, None]]]), 7])
+def test_a_malformed_read_reply_is_a_value_error_not_a_crash(bad) -> None:
+    with pytest.raises((ValueError, TypeError)):
+        siblings_from_reply(bad)
