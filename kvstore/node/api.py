@@ -94,16 +94,16 @@ class Api:
         statuses: list[kv_pb2.ItemStatus] = [OK] * len(items)
         deadline = self.deadline(timeout_s, items[0].options if items else None)
         local, remote = self._partition(items, lambda item: self._write_req(item, is_delete), forwarded, statuses)
-        async with trio.open_nursery() as nursery:
-            for target, idx in remote.items():
-                nursery.start_soon(self._forward, target, idx, items, is_delete, deadline, results, statuses)
-            if local:
-                outcomes = await self.node.coordinator.write_many([r for _, r in local], deadline)
-                for (i, _), out in zip(local, outcomes):
-                    if isinstance(out, KvError):
-                        statuses[i] = _status(out)
-                    else:
-                        results[i] = response_cls(context=encode_context(out))
+
+        async def here() -> None:
+            outcomes = await self.node.coordinator.write_many([r for _, r in local], deadline)
+            for (i, _), out in zip(local, outcomes):
+                if isinstance(out, KvError):
+                    statuses[i] = _status(out)
+                else:
+                    results[i] = response_cls(context=encode_context(out))
+
+        await self._alongside_forwards(here if local else None, remote, items, is_delete, deadline, results, statuses)
         return results, statuses
 
     # ---- reads ------------------------------------------------------------------------
@@ -117,20 +117,42 @@ class Api:
         statuses: list[kv_pb2.ItemStatus] = [OK] * len(items)
         deadline = self.deadline(timeout_s, items[0].options if items else None)
         local, remote = self._partition(items, self._read_req, forwarded, statuses)
+
+        async def here() -> None:
+            outcomes = await self.node.coordinator.read_many([r for _, r in local], deadline)
+            now_ms = self.node.now_ms()
+            for (i, req), out in zip(local, outcomes):
+                try:
+                    if isinstance(out, KvError):
+                        raise out
+                    results[i] = self._get_response(req.key, out, now_ms)
+                except KvError as exc:
+                    statuses[i] = _status(exc)
+
+        await self._alongside_forwards(here if local else None, remote, items, None, deadline, results, statuses)
+        return results, statuses
+
+    async def _alongside_forwards(
+        self,
+        here: Any,
+        remote: dict[str, list[int]],
+        items: Sequence[Any],
+        is_delete: bool | None,
+        deadline: float,
+        results: list[Any],
+        statuses: list[kv_pb2.ItemStatus],
+    ) -> None:
+        """Run `here` (the items coordinated on this node) while forwarding the rest; without
+        anything to forward, no nursery (a batch's usual case: its client routed it here)."""
+        if not remote:
+            if here is not None:
+                await here()
+            return
         async with trio.open_nursery() as nursery:
             for target, idx in remote.items():
-                nursery.start_soon(self._forward, target, idx, items, None, deadline, results, statuses)
-            if local:
-                outcomes = await self.node.coordinator.read_many([r for _, r in local], deadline)
-                now_ms = self.node.now_ms()
-                for (i, req), out in zip(local, outcomes):
-                    try:
-                        if isinstance(out, KvError):
-                            raise out
-                        results[i] = self._get_response(req.key, out, now_ms)
-                    except KvError as exc:
-                        statuses[i] = _status(exc)
-        return results, statuses
+                nursery.start_soon(self._forward, target, idx, items, is_delete, deadline, results, statuses)
+            if here is not None:
+                await here()
 
     def _get_response(self, key: bytes, result: ReadResult, now_ms: int) -> kv_pb2.GetResponse:
         live = [s for s in result.siblings if s.live(now_ms)]

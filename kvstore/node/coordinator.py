@@ -85,8 +85,16 @@ def _same_dots(sets: Iterable[list[Sibling]]) -> bool:
     """True when every sibling set holds the same versions in the same order (stored records are
     kept in merge's canonical order, so replicas that agree compare equal without a merge)."""
     it = iter(sets)
-    first = [s.dot for s in next(it, [])]
-    return all([s.dot for s in other] == first for other in it)
+    head = next(it, [])
+    first: list[tuple[str, int]] | None = None
+    for other in it:
+        if other is head:  # a replica that sent the bytes this node holds: the same list
+            continue
+        if first is None:
+            first = [s.dot for s in head]
+        if [s.dot for s in other] != first:
+            return False
+    return True
 
 
 def _liveness(view: ClusterView) -> Callable[[str], bool]:

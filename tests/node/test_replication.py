@@ -255,3 +255,19 @@ async def test_drop_hints_gives_up_a_handoff_and_repair_brings_the_replica_up_to
         report = msgpack.unpackb(await kv.command("repair", {}, address=back.address, timeout_s=60))
     assert report["state"] == "done", report
     assert await _holds_all(back, keys), report
+
+
+async def test_a_corrupt_record_on_the_replica_asked_first_costs_only_that_replica(nodes) -> None:
+    """Replicas answer reads with their stored bytes; a corrupt one is that replica's failure
+    (DataLoss), the coordinator asks the spare, and the read still returns the value."""
+    cluster = await nodes.cluster(3, read_repair_chance=0.0)
+    coord = cluster[0]
+    async with nodes.client(coord, token_aware=False) as kv:  # every call coordinated by coord
+        await kv.put(b"k", b"v", w="all")
+        first = next(t for t in coord.ring().replicas_of(b"k", 3) if t != coord.node_id)
+        victim = next(n for n in cluster if n.node_id == first)
+        await victim.engine.update_many([(b"k", lambda _: b"\xc1 not a record")])
+        for _ in range(5):
+            assert (await kv.get(b"k")).value == b"v"
+        with pytest.raises(Unavailable, match="got 2 of 3"):
+            await kv.get(b"k", r="all")
