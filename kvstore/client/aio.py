@@ -171,7 +171,8 @@ class Client:
         self._conns: dict[str, _Conn] = {}
         self._topology: Topology | None = None
         self._topology_at = -1e9
-        self._home: str | None = None
+        # this session's order of coordinators (address -> rank): see Topology.coordinator
+        self._order: dict[str, int] = {}
         self._rng = random.Random()
         self._options_memo: dict[tuple[int, bool], kv_pb2.Options] = {}
         self._credentials = client_credentials(tls, token)
@@ -212,10 +213,15 @@ class Client:
             self._topology = Topology.from_nodes(
                 ((n.node_id, n.address, n.zone, tuple(n.tokens), n.up) for n in resp.nodes), resp.n
             )
-            if self._home is None or self._home not in self._topology.addresses.values():
-                # one home coordinator per client session: it coordinates every key it replicates,
-                # so concurrent calls coalesce into large batches (batch 12 -> 64 was worth 2x)
-                self._home = self._rng.choice(sorted(self._topology.addresses.values()) or [None])
+            addresses = set(self._topology.addresses.values())
+            if set(self._order) != addresses:
+                # A random order of the nodes per client session, kept while they stay: every key
+                # goes to its replica first in it, so concurrent calls coalesce into large
+                # batches to few coordinators (batch 12 -> 64 was worth 2x), and sessions spread.
+                kept = [a for a in sorted(self._order, key=self._order.__getitem__) if a in addresses]
+                new = sorted(addresses - set(kept))
+                self._rng.shuffle(new)
+                self._order = {a: i for i, a in enumerate(kept + new)}
             self._topology_at = trio.current_time()
             return self._topology
         raise last or Unavailable("no node answered")
@@ -228,7 +234,7 @@ class Client:
                 except KvError:
                     self._topology = None
             if self._topology is not None:
-                addr = self._topology.coordinator(key, self.n or None, avoid, self._home)
+                addr = self._topology.coordinator(key, self.n or None, avoid, self._order)
                 if addr is not None:
                     return addr
         candidates = [a for a in self.addresses if a not in avoid] or self.addresses

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Mapping
 
 from kvstore.core.ring import Ring, RingNode
 
@@ -21,18 +21,22 @@ class Topology:
         return cls(ring, {nid: addr for nid, addr, *_ in nodes}, {nid for nid, *_, up in nodes if up}, n)
 
     def coordinator(self, key: bytes, n: int | None = None, avoid: set[str] = frozenset(),
-                     home: str | None = None) -> str | None:
-        """Address of a live, non-avoided node of the key's preference list: `home` when it is
-        one (so a session's calls share batches), else the first such node."""
+                    order: Mapping[str, int] | None = None) -> str | None:
+        """Address of a live, non-avoided node of the key's preference list. With a session
+        `order` (address -> rank), the one ranked first, so a session's calls concentrate on few
+        coordinators and share batches: with N=3 on 3 nodes all go to its first node, on 5
+        nodes 3/5 go to the first and most of the rest to the second. Without one, the first in
+        preference order."""
         if len(self.ring) == 0:
             return None
-        pref = self.ring.replicas_of(key, n or self.n)
-        if home is not None and home not in avoid:
-            for node_id in pref:
-                if self.addresses.get(node_id) == home and node_id in self.up:
-                    return home
-        for node_id in pref:
+        best, best_rank = None, 0
+        for node_id in self.ring.replicas_of(key, n or self.n):
             addr = self.addresses.get(node_id)
-            if node_id in self.up and addr not in avoid and addr is not None:
+            if addr is None or node_id not in self.up or addr in avoid:
+                continue
+            if order is None:
                 return addr
-        return None
+            rank = order.get(addr, len(order))
+            if best is None or rank < best_rank:
+                best, best_rank = addr, rank
+        return best
