@@ -6,7 +6,9 @@ InvalidArgument naming the problem, so a malformed or hostile peer message costs
 Replica batch (on the Stream RPC):   [1, batch_id, [op, ...]]
   op: ["w", key, siblings, hint_for]  merge `siblings` into the record (hint_for: "" or node id
                                       when the receiver holds the write for a down owner)
-      ["r", key]                      read the record
+      ["r", key]                      read the record: the reply's payload is the stored record's
+                                      bytes as they are, nil when there is none (earlier nodes
+                                      sent the siblings array; records.siblings_from_reply reads both)
       ["p", key, [[node, counter], ...]]  purge: delete the record if it is exactly these
                                       tombstones (tombstone GC, after every replica has them)
 Reply:                               [1, batch_id, [[code, payload], ...]]  (code 0 = ok)
