@@ -20,6 +20,8 @@ SendFn = Callable[[Sequence[Any], float], Awaitable[list[Any]]]
 MAX_BATCH_ITEMS = 512
 MAX_BATCH_BYTES = 4 << 20   # a few large values fill a batch: keep one message well under limits
 SETTLE_PASSES = 8           # scheduler passes a leader waits at most while callers keep arriving
+MIN_DEADLINE_SPREAD_S = 0.05  # deadlines one batch may span: this, or the share below of the
+DEADLINE_SPREAD_SHARE = 0.2   # first call's time left, whichever is more (see _lead)
 
 
 class _Slot:
@@ -59,9 +61,9 @@ class Coalescer:
         slot = _Slot(item, deadline)
         # Every call queued or in flight ahead of this one ends by its own deadline (a batch's
         # timeout is the latest of its calls'). So a call whose deadline is no earlier than all
-        # of theirs, the usual case, cannot outwait it by more than its own batch's spread and
-        # needs no cancel scope: one per call was a quarter of the client's CPU. An earlier
-        # deadline (a shorter timeout than the calls ahead) gets one.
+        # of theirs, the usual case, cannot outwait it by more than the deadline spread a batch
+        # may have (_lead) and needs no cancel scope: one per call was a quarter of the client's
+        # CPU. An earlier deadline (a shorter timeout than the calls ahead) gets one.
         guarded = deadline < self.horizon
         self.horizon = max(self.horizon, deadline)
         self.queue.append(slot)
@@ -113,9 +115,19 @@ class Coalescer:
         except BaseException:
             self.busy = False  # cancelled while gathering: submit() hands the lead on
             raise
-        taken, size = 0, 0
+        taken, size, latest = 0, 0, 0.0
         while taken < min(len(self.queue), self.max_items):
-            size += self.size_of(self.queue[taken].item)
+            slot = self.queue[taken]
+            if not taken:
+                # A batch's timeout is the latest deadline in it, so it takes no call whose
+                # deadline is far past the first one's: an unguarded call (see submit) is held
+                # at most this spread past its own deadline. Under uniform timeouts the spread is
+                # one round trip, far below it.
+                latest = slot.deadline + max(MIN_DEADLINE_SPREAD_S, DEADLINE_SPREAD_SHARE
+                                             * (slot.deadline - trio.current_time()))
+            elif slot.deadline > latest:
+                break
+            size += self.size_of(slot.item)
             if taken and size > self.max_bytes:
                 break
             taken += 1

@@ -178,3 +178,27 @@ async def test_no_call_outwaits_its_deadline_behind_a_hung_batch(autojump_clock)
     assert ended["short"] == pytest.approx(0.6, abs=0.01)
     assert ended["later"] == pytest.approx(5.2, abs=0.01)
     assert dest.batches == [["long"], ["later"]]
+
+
+async def test_a_later_longer_call_does_not_stretch_the_batch_of_an_earlier_one(autojump_clock) -> None:
+    """"mid" queues behind a hung batch with the latest deadline so far (no cancel scope of its
+    own); "long" queues after it with a far later one. They must not share a batch, or mid would
+    wait for long's deadline."""
+    dest = HangingDestination()
+    c = Coalescer(dest.send, size_of=lambda _: 1)
+    start = trio.current_time()
+    ended: dict[str, float] = {}
+
+    async def call(name: str, delay: float, timeout: float) -> None:
+        await trio.sleep(delay)
+        with pytest.raises(DeadlineExceeded):
+            await c.submit(name, trio.current_time() + timeout)
+        ended[name] = trio.current_time() - start
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(call, "first", 0, 5.0)     # leads, hangs until t=5
+        nursery.start_soon(call, "mid", 0.1, 5.5)     # deadline t=5.6
+        nursery.start_soon(call, "long", 0.2, 60.0)   # deadline t=60.2
+    assert ended["mid"] == pytest.approx(5.6, abs=0.01)
+    assert ended["long"] == pytest.approx(60.2, abs=0.01)
+    assert dest.batches == [["first"], ["mid"], ["long"]]
