@@ -156,9 +156,9 @@ class HangingDestination:
         raise DeadlineExceeded("deadline exceeded")
 
 
-async def test_no_call_outwaits_its_deadline_behind_a_hung_batch(autojump_clock) -> None:
-    """A short timeout queued behind calls with long ones ends at its own deadline (it gets a
-    cancel scope); a call whose deadline is the latest ends by it too (through the batches)."""
+async def _when_each_times_out(calls: list[tuple[str, float, float]]) -> tuple[dict[str, float], list]:
+    """Run (name, start delay, timeout) calls against a hung destination; when each call ended
+    with DeadlineExceeded (seconds from the start), and the batches that were sent."""
     dest = HangingDestination()
     c = Coalescer(dest.send, size_of=lambda _: 1)
     start = trio.current_time()
@@ -171,34 +171,31 @@ async def test_no_call_outwaits_its_deadline_behind_a_hung_batch(autojump_clock)
         ended[name] = trio.current_time() - start
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(call, "long", 0, 5.0)       # leads, then hangs in flight until t=5
-        nursery.start_soon(call, "short", 0.1, 0.5)    # queued behind it: deadline t=0.6
-        nursery.start_soon(call, "later", 0.2, 5.0)    # queued too: deadline t=5.2
-    assert ended["long"] == pytest.approx(5.0, abs=0.01)
-    assert ended["short"] == pytest.approx(0.6, abs=0.01)
-    assert ended["later"] == pytest.approx(5.2, abs=0.01)
-    assert dest.batches == [["long"], ["later"]]
+        for args in calls:
+            nursery.start_soon(call, *args)
+    return ended, dest.batches
+
+
+async def test_no_call_outwaits_its_deadline_behind_a_hung_batch(autojump_clock) -> None:
+    """A short timeout queued behind calls with long ones ends at its own deadline (it gets a
+    cancel scope); a call whose deadline is the latest ends by it too (through the batches)."""
+    ended, batches = await _when_each_times_out([
+        ("long", 0, 5.0),     # leads, then hangs in flight until t=5
+        ("short", 0.1, 0.5),  # queued behind it: deadline t=0.6
+        ("later", 0.2, 5.0),  # queued too: deadline t=5.2
+    ])
+    assert ended == pytest.approx({"long": 5.0, "short": 0.6, "later": 5.2}, abs=0.01)
+    assert batches == [["long"], ["later"]]
 
 
 async def test_a_later_longer_call_does_not_stretch_the_batch_of_an_earlier_one(autojump_clock) -> None:
     """"mid" queues behind a hung batch with the latest deadline so far (no cancel scope of its
     own); "long" queues after it with a far later one. They must not share a batch, or mid would
     wait for long's deadline."""
-    dest = HangingDestination()
-    c = Coalescer(dest.send, size_of=lambda _: 1)
-    start = trio.current_time()
-    ended: dict[str, float] = {}
-
-    async def call(name: str, delay: float, timeout: float) -> None:
-        await trio.sleep(delay)
-        with pytest.raises(DeadlineExceeded):
-            await c.submit(name, trio.current_time() + timeout)
-        ended[name] = trio.current_time() - start
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(call, "first", 0, 5.0)     # leads, hangs until t=5
-        nursery.start_soon(call, "mid", 0.1, 5.5)     # deadline t=5.6
-        nursery.start_soon(call, "long", 0.2, 60.0)   # deadline t=60.2
-    assert ended["mid"] == pytest.approx(5.6, abs=0.01)
-    assert ended["long"] == pytest.approx(60.2, abs=0.01)
-    assert dest.batches == [["first"], ["mid"], ["long"]]
+    ended, batches = await _when_each_times_out([
+        ("first", 0, 5.0),    # leads, hangs until t=5
+        ("mid", 0.1, 5.5),    # deadline t=5.6
+        ("long", 0.2, 60.0),  # deadline t=60.2
+    ])
+    assert ended == pytest.approx({"first": 5.0, "mid": 5.6, "long": 60.2}, abs=0.01)
+    assert batches == [["first"], ["mid"], ["long"]]
