@@ -7,7 +7,8 @@ per-item statuses. Runs on trio; kvstore/node/server.py only moves calls across 
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from functools import partial
+from typing import Any, Awaitable, Callable, Sequence
 
 import trio
 
@@ -103,7 +104,9 @@ class Api:
                 else:
                     results[i] = response_cls(context=encode_context(out))
 
-        await self._alongside_forwards(here if local else None, remote, items, is_delete, deadline, results, statuses)
+        await self._alongside(here if local else None, [
+            partial(self._forward, t, idx, items, is_delete, deadline, results, statuses) for t, idx in remote.items()
+        ])
         return results, statuses
 
     # ---- reads ------------------------------------------------------------------------
@@ -129,28 +132,23 @@ class Api:
                 except KvError as exc:
                     statuses[i] = _status(exc)
 
-        await self._alongside_forwards(here if local else None, remote, items, None, deadline, results, statuses)
+        await self._alongside(here if local else None, [
+            partial(self._forward, t, idx, items, None, deadline, results, statuses) for t, idx in remote.items()
+        ])
         return results, statuses
 
-    async def _alongside_forwards(
-        self,
-        here: Any,
-        remote: dict[str, list[int]],
-        items: Sequence[Any],
-        is_delete: bool | None,
-        deadline: float,
-        results: list[Any],
-        statuses: list[kv_pb2.ItemStatus],
-    ) -> None:
-        """Run `here` (the items coordinated on this node) while forwarding the rest; without
+    @staticmethod
+    async def _alongside(here: Callable[[], Awaitable[None]] | None,
+                         forwards: list[Callable[[], Awaitable[None]]]) -> None:
+        """Run `here` (the items coordinated on this node) while the forwards run; without
         anything to forward, no nursery (a batch's usual case: its client routed it here)."""
-        if not remote:
+        if not forwards:
             if here is not None:
                 await here()
             return
         async with trio.open_nursery() as nursery:
-            for target, idx in remote.items():
-                nursery.start_soon(self._forward, target, idx, items, is_delete, deadline, results, statuses)
+            for forward in forwards:
+                nursery.start_soon(forward)
             if here is not None:
                 await here()
 
