@@ -38,7 +38,7 @@ from cluster.workload import Workload, WorkloadConfig
 from kvstore._proto import internal_pb2, internal_pb2_grpc
 from kvstore.client import Client
 from kvstore.core import wire
-from kvstore.core.records import siblings_from_wire
+from kvstore.core.records import siblings_from_reply
 from kvstore.errors import KvError
 from kvstore.tls import TlsMaterial, channel
 
@@ -311,7 +311,11 @@ class Run:
                 if code != 0:
                     states.append(ReplicaState(key, node_id, address, primary, phase, False, error=f"code {code}: {payload}"))
                     continue
-                sibs = siblings_from_wire(payload) if payload else []
+                try:
+                    sibs = siblings_from_reply(payload)  # the replica's stored record, as it is
+                except (ValueError, TypeError) as exc:
+                    states.append(ReplicaState(key, node_id, address, primary, phase, False, error=f"corrupt record: {exc}"))
+                    continue
                 if not sibs and not primary:
                     continue  # a bystander that never held the key
                 rs = ReplicaState(key, node_id, address, primary, phase, True,
