@@ -190,11 +190,10 @@ class Api:
         return local, remote
 
     def _route(self, ring: Ring, req: WriteReq | ReadReq, forwarded: bool) -> str | None:
-        """None to coordinate here (the key's replicas noted in `req.pref`), else the replica to
-        forward to."""
+        """None to coordinate here, else the replica to forward to."""
         if len(ring) == 0:
             raise Unavailable("the ring is empty: this node has not joined a cluster yet")
-        pref = req.pref = ring.replicas_of(req.key, req.n)
+        pref = ring.replicas_of(req.key, req.n)
         if forwarded or self.node.node_id in pref:
             return None
         for node_id in pref:

@@ -52,7 +52,6 @@ class WriteReq:
     ttl_s: int = 0
     conditional: bool = False
     blind: bool = False          # no context supplied: supersede what the coordinator holds
-    pref: tuple[str, ...] = ()   # the key's replicas, when the caller routed it already
 
 
 @dataclass
@@ -61,7 +60,6 @@ class ReadReq:
     n: int
     r: int
     strict: bool = False
-    pref: tuple[str, ...] = ()   # the key's replicas, when the caller routed it already
 
 
 @dataclass
@@ -156,7 +154,7 @@ class Coordinator:
             results[i] = st.new.clock()
             pending = _Pending(needed=req.w, outstanding=1)  # 1: this node's own commit
             pendings[i] = pending
-            pref = req.pref or ring.replicas_of(req.key, req.n)
+            pref = ring.replicas_of(req.key, req.n)  # the ring as it is now, after the stamp's wait
             # ranges moving to a joining node or away from a leaving one: the new replicas must
             # get the write too, and it is not acknowledged until they have it (as Cassandra)
             for target in view.elastic.pending(req.key, req.n, pref) if moving else ():
@@ -298,7 +296,7 @@ class Coordinator:
         spares_left = [0] * len(reqs)
         is_up = _liveness(view)
         for i, req in enumerate(reqs):
-            pref = req.pref or ring.replicas_of(req.key, req.n)
+            pref = ring.replicas_of(req.key, req.n)
             live = [t for t in pref if t == view.node_id or is_up(t)]
             live.sort(key=lambda t: t != view.node_id)
             everyone = view.rng.random() < view.config.read_repair_chance
