@@ -222,7 +222,7 @@ class Node:
             # a restart: learn the ring before serving, so that no request meets a ring of one;
             # bounded and never fatal (after a whole-cluster stop the seeds may be down too)
             with trio.move_on_after(RESTART_LEARN_S):
-                await self._learn_cluster()
+                await self._learn_cluster(whole=True)
         if not tokens:
             joining_existing = len(self.gossip.table) > 1
             tokens = ringmod.allocate_tokens(
@@ -238,8 +238,12 @@ class Node:
         boot = self.ident.get("bootstrap")
         return bool(boot) and not boot.get("done")
 
-    async def _learn_cluster(self) -> None:
-        """Gossip with the seeds until a normal member is known (bounded)."""
+    async def _learn_cluster(self, whole: bool = False) -> None:
+        """Gossip with the seeds until a normal member is known (bounded). With `whole` (a
+        restart, about to serve), go on until a round brings no member the table lacks and no
+        candidate waits for verification: a restarted node that served once it had heard its
+        seed coordinated on a ring of two while the pings admitting the others were slow, and
+        acknowledged writes on nodes that do not replicate the key (lost writes in a soak)."""
         assert self.gossip is not None
         with trio.move_on_after(30):
             while not any(s.node_id != self.node_id and s.status == Status.NORMAL
@@ -248,6 +252,12 @@ class Node:
                 await trio.sleep(self.gossip.interval_s)
         if len(self.gossip.table) == 1:
             raise SystemExit(f"could not reach any seed of {', '.join(self.config.seeds)} in 30 s")
+        while whole:
+            known = set(self.gossip.table)
+            await self.gossip.round()
+            if not self.gossip.candidates and set(self.gossip.table) == known:
+                return
+            await trio.sleep(self.gossip.interval_s)
 
     def save_identity(self) -> None:
         save_identity(self.config.data_dir, self.ident)

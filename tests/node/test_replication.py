@@ -10,6 +10,7 @@ import trio
 from kvstore.core.records import decode_record, encode_record
 from kvstore.core.versions import Sibling
 from kvstore.errors import Unavailable
+from kvstore.node.gossip import Gossip
 from tests.node.conftest import eventually
 
 
@@ -271,3 +272,25 @@ async def test_a_corrupt_record_on_the_replica_asked_first_costs_only_that_repli
             assert (await kv.get(b"k")).value == b"v"
         with pytest.raises(Unavailable, match="got 2 of 3"):
             await kv.get(b"k", r="all")
+
+
+async def test_a_restarted_member_knows_every_member_before_it_serves(nodes, monkeypatch) -> None:
+    """A restarted node used to serve once it had heard from a seed. When the pings that admit
+    the other members were slow (a loaded machine), that was a ring of two, on which it
+    coordinated keys it does not replicate and acknowledged them on nodes that do not either
+    (lost writes in a chaos soak). Slow pings are simulated here: one member admitted per round."""
+    cluster = await nodes.cluster(5, storage="sqlite")
+    victim = cluster[-1]
+    await nodes.stop(victim)
+    verify = Gossip.verify_candidates
+
+    async def one_per_round(self: Gossip) -> None:
+        if self.candidates:
+            first, *rest = self.candidates.items()
+            self.candidates = dict([first])
+            await verify(self)
+            self.candidates.update(rest)
+
+    monkeypatch.setattr(Gossip, "verify_candidates", one_per_round)
+    back = await nodes.start(victim.node_id, seeds=(cluster[0].address,), storage="sqlite")
+    assert len(back.ring()) == 5
