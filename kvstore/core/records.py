@@ -33,23 +33,16 @@ def _unpackb(data: bytes) -> Any:
 
 
 def _valid_vv(vv: Any) -> bool:
-    return isinstance(vv, dict) and all(
-        isinstance(n, str) and isinstance(c, int) and 0 < c <= _U64 for n, c in vv.items()
-    )
+    if not isinstance(vv, dict):
+        return False
+    for n, c in vv.items():  # a loop, not all(<generator>): every decoded sibling comes here
+        if not (isinstance(n, str) and isinstance(c, int) and 0 < c <= _U64):
+            return False
+    return True
 
 
 def sibling_to_wire(s: Sibling) -> list:
     return [s.node, s.counter, dict(s.vv), s.hlc, s.expires_at_ms, s.value]
-
-
-def _plain_vv(vv: Any) -> bool:
-    """_valid_vv for the exact types msgpack decodes to (the hot path: no generator)."""
-    if type(vv) is not dict:
-        return False
-    for n, c in vv.items():
-        if type(n) is not str or type(c) is not int or not 0 < c <= _U64:
-            return False
-    return True
 
 
 def sibling_from_wire(item: Any) -> Sibling:
@@ -60,7 +53,7 @@ def sibling_from_wire(item: Any) -> Sibling:
         node, counter, vv, hlc, expires, value = item
         if (type(node) is str and node and type(counter) is int and 0 < counter <= _U64
                 and type(hlc) is int and 0 <= hlc <= _U64 and type(expires) is int and 0 <= expires <= _U64
-                and (value is None or type(value) is bytes) and _plain_vv(vv) and vv.get(node, 0) < counter):
+                and (value is None or type(value) is bytes) and _valid_vv(vv) and vv.get(node, 0) < counter):
             return Sibling(node, counter, vv, value, hlc, expires)
     if not isinstance(item, list) or len(item) != 6:
         raise ValueError("sibling must be a 6-element array")
