@@ -7,6 +7,7 @@ costs one request, never the node.
 """
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Sequence
 
 import msgpack
@@ -103,6 +104,14 @@ def decode_record(data: bytes, key: bytes = b"") -> list[Sibling]:
         return _record_siblings(data)
     except (ValueError, TypeError) as exc:
         raise DataLoss(f"record of key {key!r} is corrupt: {exc}") from None
+
+
+def digest(data: bytes | None) -> bytes:
+    """What names a stored record's exact bytes on the wire: 16 bytes of SHA-256 (empty for no
+    record). A coordinator ships its new record with the digest of the one it replaced; a replica
+    whose record has that digest holds the same siblings, so the shipped record is exactly their
+    merge, and it stores it without decoding or merging anything (wire.RecordOp)."""
+    return hashlib.sha256(data).digest()[:16] if data else b""
 
 
 def siblings_from_reply(payload: Any) -> list[Sibling]:

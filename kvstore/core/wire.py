@@ -6,6 +6,12 @@ InvalidArgument naming the problem, so a malformed or hostile peer message costs
 Replica batch (on the Stream RPC):   [1, batch_id, [op, ...]]
   op: ["w", key, siblings, hint_for]  merge `siblings` into the record (hint_for: "" or node id
                                       when the receiver holds the write for a down owner)
+      ["c", key, record, base, hint_for, hlc]
+                                      the coordinator's record after a write (`record`, encoded
+                                      as stored) and the digest of the one it replaced (`base`,
+                                      records.digest): a receiver whose record has that digest
+                                      stores `record` as it is; any other merges its siblings in.
+                                      `hlc`: the newest HLC in it (the receiver's clock observes it)
       ["r", key]                      read the record: the reply's payload is the stored record's
                                       bytes as they are, nil when there is none (earlier nodes
                                       sent the siblings array; records.siblings_from_reply reads both)
@@ -41,6 +47,15 @@ class WriteOp:
 
 
 @dataclass(frozen=True, slots=True)
+class RecordOp:
+    key: bytes
+    record: bytes
+    base: bytes
+    hlc: int
+    hint_for: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class ReadOp:
     key: bytes
 
@@ -51,7 +66,9 @@ class PurgeOp:
     dots: frozenset[tuple[str, int]]
 
 
-ReplicaOp = WriteOp | ReadOp | PurgeOp
+ReplicaOp = WriteOp | RecordOp | ReadOp | PurgeOp
+#: the largest digest a RecordOp may name (records.digest makes 16 bytes)
+MAX_DIGEST_BYTES = 64
 
 
 def packb(obj: Any) -> bytes:
@@ -71,6 +88,8 @@ def encode_batch(batch_id: int, ops: Sequence[ReplicaOp]) -> bytes:
 
 
 def _encode_op(op: ReplicaOp) -> list:
+    if isinstance(op, RecordOp):
+        return ["c", op.key, op.record, op.base, op.hint_for, op.hlc]
     if isinstance(op, WriteOp):
         return ["w", op.key, [sibling_to_wire(s) for s in op.siblings], op.hint_for]
     if isinstance(op, PurgeOp):
@@ -104,6 +123,17 @@ def _decode_op(raw: Any) -> ReplicaOp:
     kind = raw[0]
     if len(raw) > 1 and isinstance(raw[1], bytes) and not 0 < len(raw[1]) <= MAX_KEY_BYTES:
         raise ValueError(f"key must be 1..{MAX_KEY_BYTES} bytes, not {len(raw[1])}")
+    if kind == "c" and len(raw) == 6:
+        _, key, record, base, hint_for, hlc = raw
+        if not (isinstance(key, bytes) and isinstance(record, bytes) and isinstance(base, bytes)
+                and isinstance(hint_for, str) and isinstance(hlc, int)):
+            raise ValueError("record op must be [\"c\", key, record, base, hint_for, hlc]")
+        if len(hint_for) > MAX_NODE_ID_CHARS:
+            raise ValueError(f"hint_for must be a node id of at most {MAX_NODE_ID_CHARS} characters")
+        if len(base) > MAX_DIGEST_BYTES or not 0 <= hlc < 1 << 64 or not record:
+            raise ValueError(f"record op: base must be at most {MAX_DIGEST_BYTES} bytes, hlc a u64 "
+                             "and record non-empty")
+        return RecordOp(key, record, base, hlc, hint_for)
     if kind == "w" and len(raw) == 4 and isinstance(raw[3], str) and len(raw[3]) > MAX_NODE_ID_CHARS:
         raise ValueError(f"hint_for must be a node id of at most {MAX_NODE_ID_CHARS} characters")
     if kind == "w" and len(raw) == 4 and isinstance(raw[1], bytes) and isinstance(raw[3], str):

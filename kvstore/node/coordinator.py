@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Protocol, Sequence
 
 import trio
@@ -17,7 +17,7 @@ from kvstore.core.hlc import HybridClock
 from kvstore.core.records import siblings_from_reply
 from kvstore.core.ring import Ring
 from kvstore.core.versions import Sibling, VersionVector
-from kvstore.core.wire import ReadOp, WriteOp
+from kvstore.core.wire import ReadOp, RecordOp, WriteOp
 from kvstore.errors import DataLoss, KvError, Unavailable
 from kvstore.node.local import LocalStore, Stamp, decode_records
 from kvstore.node.peers import Peer
@@ -143,7 +143,7 @@ class Coordinator:
         moving = view.elastic.moving()
         is_up = _liveness(view)
         undone = 0  # pendings not done yet: all_done is set when it reaches 0
-        plans: dict[str, list[tuple[int, WriteOp, bool]]] = {}  # peer -> (item, op, primary)
+        plans: dict[str, list[tuple[int, RecordOp, bool]]] = {}  # peer -> (item, op, primary)
         # no spare node to hold a hint (e.g. 3 nodes, N=3): the coordinator keeps it itself, like
         # Cassandra; it never counts towards W, but the owner gets the write when it is back
         self_hints: list[tuple[str, bytes, list[Sibling]]] = []
@@ -155,14 +155,15 @@ class Coordinator:
             pending = _Pending(needed=req.w, outstanding=1)  # 1: this node's own commit
             pendings[i] = pending
             pref = ring.replicas_of(req.key, req.n)  # the ring as it is now, after the stamp's wait
+            # immutable: one object serves every primary (a fallback gets a copy naming its owner)
+            op = RecordOp(req.key, st.record, st.base, max(s.hlc for s in st.siblings))
             # ranges moving to a joining node or away from a leaving one: the new replicas must
             # get the write too, and it is not acknowledged until they have it (as Cassandra)
             for target in view.elastic.pending(req.key, req.n, pref) if moving else ():
-                plans.setdefault(target, []).append((i, WriteOp(req.key, st.siblings), False))
+                plans.setdefault(target, []).append((i, op, False))
                 pending.outstanding += 1
                 pending.needed += 1
             used = set(pref)
-            op = WriteOp(req.key, st.siblings)  # immutable: one object serves every primary
             for target in pref:
                 if target == view.node_id:
                     continue
@@ -173,7 +174,7 @@ class Coordinator:
                     fb = self._fallback(ring, req.key, used)
                     if fb is not None:
                         used.add(fb)
-                        plans.setdefault(fb, []).append((i, WriteOp(req.key, st.siblings, target), False))
+                        plans.setdefault(fb, []).append((i, replace(op, hint_for=target), False))
                         pending.outstanding += 1
                     else:
                         self_hints.append((target, req.key, st.siblings))
@@ -243,7 +244,7 @@ class Coordinator:
         self,
         ring: Ring,
         peer_id: str,
-        items: list[tuple[int, WriteOp, bool]],
+        items: list[tuple[int, RecordOp, bool]],
         reqs: Sequence[WriteReq],
         on_result: Callable[[int, str, bool], None],
     ) -> None:
@@ -254,8 +255,8 @@ class Coordinator:
         except KvError as exc:
             log.debug("replica %s failed: %s", peer_id, exc)
             replies = [(14, None)] * len(items)
-        retry: dict[str, list[tuple[int, WriteOp, bool]]] = {}
-        local_hints: list[tuple[str, bytes, list[Sibling]]] = []
+        retry: dict[str, list[tuple[int, RecordOp, bool]]] = {}
+        local_hints: list[tuple[str, bytes, RecordOp]] = []
         for (i, op, primary), (code, _) in zip(items, replies):
             if code == 0:
                 on_result(i, peer_id, True)
@@ -270,10 +271,10 @@ class Coordinator:
                 # (when this was already a fallback, for the primary that fallback stood in for).
                 target = peer_id if primary else op.hint_for
                 if target:
-                    local_hints.append((target, op.key, op.siblings))
+                    local_hints.append((target, op.key, op))
                 on_result(i, peer_id, False)
             else:
-                retry.setdefault(fb, []).append((i, WriteOp(op.key, op.siblings, peer_id), False))
+                retry.setdefault(fb, []).append((i, replace(op, hint_for=peer_id), False))
         if local_hints:
             await view.store.merge_many([(k, sibs) for _, k, sibs in local_hints], [t for t, _, _ in local_hints])
         for fb, fb_items in retry.items():

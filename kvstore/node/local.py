@@ -13,9 +13,10 @@ from typing import Awaitable, Callable, Protocol, Sequence
 
 from kvstore.core import versions
 from kvstore.core.limits import Limits
-from kvstore.core.records import decode_record, encode_record, value_aad
+from kvstore.core.records import decode_record, digest, encode_record, value_aad
 from kvstore.core.versions import Sibling, VersionVector
-from kvstore.errors import KvError, StaleContext
+from kvstore.core.wire import RecordOp
+from kvstore.errors import InvalidArgument, KvError, StaleContext
 from kvstore.storage.base import Engine
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,9 @@ class Stamp:
 @dataclass
 class Stamped:
     new: Sibling               # the write itself
-    siblings: list[Sibling]    # the merged set now stored (ship this to replicas)
+    siblings: list[Sibling]    # the merged set now stored
+    record: bytes              # ... as stored (encoded): what replicas are sent (wire.RecordOp)
+    base: bytes                # records.digest of the record it replaced
 
 
 class Sealer(Protocol):
@@ -111,8 +114,9 @@ class LocalStore:
                                      new.hlc, new.expires_at_ms)
                     merged = [sealed if s.dot == new.dot else s for s in merged]
                     new = sealed
-                made[i] = Stamped(new, merged)
-                return old if self.drop_writes else encode_record(merged)
+                record = encode_record(merged)
+                made[i] = Stamped(new, merged, record, digest(old))
+                return old if self.drop_writes else record
 
             return apply
 
@@ -133,16 +137,28 @@ class LocalStore:
         return [r if isinstance(r, BaseException) else made[i] for i, r in enumerate(results)], committed
 
     async def merge_many(
-        self, items: Sequence[tuple[bytes, list[Sibling]]], hint_for: Sequence[str] | None = None
+        self, items: Sequence[tuple[bytes, list[Sibling] | RecordOp]], hint_for: Sequence[str] | None = None
     ) -> list[BaseException | None]:
         """Merge incoming siblings into stored records (or into hints held for `hint_for[i]`).
         Per item: None once stored, or the exception that failed it. (The merged record is not
-        decoded back: no caller needs it, and on a replica that was a decode per replicated op.)"""
+        decoded back: no caller needs it, and on a replica that was a decode per replicated op.)
+        A RecordOp whose base is the stored record's digest replaces it as it is: its siblings
+        are those plus the write, so merging would give the same set (and cost a decode of each,
+        a merge and an encode per replicated op)."""
 
-        def updater(key: bytes, incoming: list[Sibling]):
+        def updater(key: bytes, incoming: list[Sibling] | RecordOp):
             def apply(old: bytes | None) -> bytes | None:
+                if isinstance(incoming, RecordOp):
+                    if digest(old) == incoming.base:
+                        return old if self.drop_writes else incoming.record
+                    try:
+                        sent = decode_record(incoming.record, key)
+                    except KvError as exc:
+                        raise InvalidArgument(f"replica op for key {key[:64]!r}: {exc}") from None
+                else:
+                    sent = incoming
                 local = decode_record(old, key) if old else []
-                merged = versions.merge(local, incoming)
+                merged = versions.merge(local, sent)
                 if old is not None and [s.dot for s in merged] == [s.dot for s in local]:
                     return old  # nothing new: keep the bytes as they are
                 if len(merged) >= self.limits.warn_siblings:
@@ -153,7 +169,8 @@ class LocalStore:
             return apply
 
         if self.observe_hlc is not None:
-            newest = max((s.hlc for _, sibs in items for s in sibs), default=0)
+            newest = max((inc.hlc if isinstance(inc, RecordOp) else max((s.hlc for s in inc), default=0)
+                          for _, inc in items), default=0)
             if newest:
                 self.observe_hlc(newest)
         data_items = [(i, k, s) for i, (k, s) in enumerate(items) if not (hint_for and hint_for[i])]

@@ -24,7 +24,7 @@ from kvstore.core.membership import NodeState, Status, ring_of
 from kvstore.core.ring import Ring
 from kvstore.core.hlc import physical_ms
 from kvstore.core.records import decode_record, encode_record, siblings_from_reply
-from kvstore.core.wire import PurgeOp, ReadOp, WriteOp
+from kvstore.core.wire import PurgeOp, ReadOp, RecordOp, WriteOp
 from kvstore.certs import CertError
 from kvstore.errors import InvalidArgument, KvError, PermissionDenied, ResourceExhausted, Unavailable
 from kvstore.node.api import FORWARDED_HEADER, Api
@@ -352,7 +352,7 @@ class Node:
     async def handle_batch(self, payload: bytes) -> bytes:
         batch_id, ops = wire.decode_batch(payload)
         results: list[tuple[int, Any]] = [(0, None)] * len(ops)
-        writes = [(i, op) for i, op in enumerate(ops) if isinstance(op, WriteOp)]
+        writes = [(i, op) for i, op in enumerate(ops) if isinstance(op, (RecordOp, WriteOp))]
         reads = [(i, op) for i, op in enumerate(ops) if isinstance(op, ReadOp)]
         purges = [(op.key, op.dots) for op in ops if isinstance(op, PurgeOp)]
         if purges:
@@ -375,7 +375,8 @@ class Node:
             accepted.append((i, op))
         if accepted:
             merged = await self.store.merge_many(
-                [(op.key, op.siblings) for _, op in accepted], [op.hint_for for _, op in accepted]
+                [(op.key, op if isinstance(op, RecordOp) else op.siblings) for _, op in accepted],
+                [op.hint_for for _, op in accepted],
             )
             for (i, _), res in zip(accepted, merged):
                 if isinstance(res, BaseException):

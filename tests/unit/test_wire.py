@@ -4,12 +4,12 @@ from __future__ import annotations
 import msgpack
 import pytest
 
-from kvstore.core.wire import MAX_KEY_BYTES, ReadOp, WriteOp, decode_batch, decode_call, encode_batch
+from kvstore.core.wire import MAX_KEY_BYTES, ReadOp, RecordOp, WriteOp, decode_batch, decode_call, encode_batch
 from kvstore.errors import InvalidArgument
 
 
 def test_batches_round_trip() -> None:
-    ops = [WriteOp(b"k", [], "n2"), ReadOp(b"r")]
+    ops = [WriteOp(b"k", [], "n2"), ReadOp(b"r"), RecordOp(b"k", b"record", b"d" * 16, 99, "n3")]
     assert decode_batch(encode_batch(7, ops)) == (7, ops)
 
 
@@ -18,6 +18,12 @@ def test_batches_round_trip() -> None:
     (["w", b"k" * (MAX_KEY_BYTES + 1), [], ""], "replica op: key must be 1..65536 bytes, not 65537"),
     (["w", b"k", [], "x" * 129], "replica op: hint_for must be a node id of at most 128 characters"),
     (["q", b"k"], "replica op: unknown or malformed op 'q'"),
+    (["c", b"k", "record", b"", "", 1], 'replica op: record op must be ["c", key, record, base, hint_for, hlc]'),
+    (["c", b"k", b"rec", b"d" * 65, "", 1],
+     "replica op: record op: base must be at most 64 bytes, hlc a u64 and record non-empty"),
+    (["c", b"k", b"", b"", "", 1], "replica op: record op: base must be at most 64 bytes, hlc a u64 and record non-empty"),
+    (["c", b"k", b"rec", b"", "", -1], "replica op: record op: base must be at most 64 bytes, hlc a u64 and record non-empty"),
+    (["c", b"k", b"rec", b"", "x" * 129, 1], "replica op: hint_for must be a node id of at most 128 characters"),
 ])
 def test_a_malformed_op_costs_only_its_slot(op: list, message: str) -> None:
     batch_id, ops = decode_batch(msgpack.packb([1, 3, [op, ["r", b"fine"]]]))
