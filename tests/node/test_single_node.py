@@ -223,3 +223,37 @@ async def test_a_restart_takes_a_newer_generation_even_when_the_clock_went_back(
     ident_file.write_text(json.dumps(ident))
     again = await nodes.start("g1", storage="sqlite")
     assert again.gossip.me.generation == ahead + 1  # peers would ignore anything not newer
+
+
+async def test_a_stopping_node_ends_its_health_watches_after_not_serving(nodes) -> None:
+    """A Watch left open made the node's stop wait its whole grace period, then cut it off."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    node = await nodes.start()
+    opened = trio.Event()
+    token = trio.lowlevel.current_trio_token()
+
+    def watch() -> tuple[list[int], grpc.StatusCode]:
+        with grpc.insecure_channel(node.address) as channel:
+            call = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
+            statuses = []
+            for reply in call:
+                statuses.append(reply.status)
+                if len(statuses) == 1:
+                    trio.from_thread.run_sync(opened.set, trio_token=token)
+            return statuses, call.code()
+
+    async with trio.open_nursery() as nursery:
+        result: list = []
+
+        async def run() -> None:
+            result.append(await trio.to_thread.run_sync(watch))
+
+        nursery.start_soon(run)
+        with trio.fail_after(10):
+            await opened.wait()
+            await nodes.stop(node)
+    statuses, code = result[0]
+    assert statuses[0] == health_pb2.HealthCheckResponse.SERVING
+    assert statuses[-1] == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert code == grpc.StatusCode.OK
