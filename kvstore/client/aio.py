@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import grpc
 import msgpack
 import trio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from kvstore._proto import admin_pb2, admin_pb2_grpc, kv_pb2, kv_pb2_grpc
 from kvstore.client.coalesce import MAX_BATCH_ITEMS, Coalescer
@@ -96,6 +97,16 @@ def _never_sent(exc: KvError) -> bool:
 
 
 class _Conn:
+    """One node's channel and stubs, and a health watch held open on it.
+
+    grpcio's blocking channel polls for completions in a thread that lives only while some call
+    on the channel is in flight; with coalescing, one batch at a time is, so every batch started
+    a thread: 250-270 threads in 3 s of `kvstore bench` puts. A Health.Watch call held open (its
+    replies are never read: it only has to stay in flight) keeps that thread for the channel's
+    life: 3 threads, and 3.4 µs (9 %) less client CPU per put; ops/s did not change (paired
+    windows). Nodes end their watches when they stop.
+    """
+
     def __init__(self, address: str, max_message: int, credentials: grpc.ChannelCredentials | None) -> None:
         opts = [
             ("grpc.max_send_message_length", max_message),
@@ -108,6 +119,7 @@ class _Conn:
         self.channel = channel(address, opts, credentials)
         self.kv = kv_pb2_grpc.KVStub(self.channel)
         self.admin = admin_pb2_grpc.AdminStub(self.channel)
+        self.watch = health_pb2_grpc.HealthStub(self.channel).Watch(health_pb2.HealthCheckRequest(service=""))
 
 
 async def _wait(future: grpc.Future) -> Any:

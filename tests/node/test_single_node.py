@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import threading
 
 import grpc
 import pytest
@@ -223,6 +224,26 @@ async def test_a_restart_takes_a_newer_generation_even_when_the_clock_went_back(
     ident_file.write_text(json.dumps(ident))
     again = await nodes.start("g1", storage="sqlite")
     assert again.gossip.me.generation == ahead + 1  # peers would ignore anything not newer
+
+
+async def test_a_client_sending_batch_after_batch_starts_no_thread_per_batch(nodes, monkeypatch) -> None:
+    """grpcio's blocking channel polls in a thread that lives only while some call is in flight;
+    the client's health watch keeps one in flight, so batches do not each start a thread."""
+    node = await nodes.start()
+    async with nodes.client(node) as kv:
+        await kv.put(b"warm", b"up")
+        started: list[str] = []
+        real_start = threading.Thread.start
+
+        def counting_start(thread: threading.Thread) -> None:
+            started.append(thread.name)
+            real_start(thread)
+
+        monkeypatch.setattr(threading.Thread, "start", counting_start)
+        for i in range(20):
+            await kv.put(b"k%d" % i, b"v")  # one batch each, one after another
+            assert (await kv.get(b"k%d" % i)).value == b"v"
+        assert started == []
 
 
 async def test_a_stopping_node_ends_its_health_watches_after_not_serving(nodes) -> None:
