@@ -102,7 +102,8 @@ class LocalStore:
                         "(the value changed since it was read)"
                     )
                 context = versions.context_of(local) if st.blind else st.context
-                if self.members is not None:
+                if self.members is not None and len(context) > self.limits.max_vv_entries:
+                    # (the member set is built only when a vector is long enough to prune)
                     context = versions.prune(context, self.members(), self.limits.max_vv_entries)
                 new, merged = versions.stamp(
                     local, self.node_id, context, st.value, st.hlc, st.expires_at_ms, counter_floor=floor
