@@ -276,7 +276,7 @@ class Coordinator:
             else:
                 retry.setdefault(fb, []).append((i, replace(op, hint_for=peer_id), False))
         if local_hints:
-            await view.store.merge_many([(k, sibs) for _, k, sibs in local_hints], [t for t, _, _ in local_hints])
+            await view.store.merge_many([(k, op) for _, k, op in local_hints], [t for t, _, _ in local_hints])
         for fb, fb_items in retry.items():
             view.background.start_soon(self._deliver, ring, fb, fb_items, reqs, on_result)
 
