@@ -256,7 +256,7 @@ class Coordinator:
             log.debug("replica %s failed: %s", peer_id, exc)
             replies = [(14, None)] * len(items)
         retry: dict[str, list[tuple[int, RecordOp, bool]]] = {}
-        local_hints: list[tuple[str, bytes, RecordOp]] = []
+        local_hints: list[tuple[str, RecordOp]] = []  # (owner, write)
         for (i, op, primary), (code, _) in zip(items, replies):
             if code == 0:
                 on_result(i, peer_id, True)
@@ -271,12 +271,12 @@ class Coordinator:
                 # (when this was already a fallback, for the primary that fallback stood in for).
                 target = peer_id if primary else op.hint_for
                 if target:
-                    local_hints.append((target, op.key, op))
+                    local_hints.append((target, op))
                 on_result(i, peer_id, False)
             else:
                 retry.setdefault(fb, []).append((i, replace(op, hint_for=peer_id), False))
         if local_hints:
-            await view.store.merge_many([(k, op) for _, k, op in local_hints], [t for t, _, _ in local_hints])
+            await view.store.merge_many([(op.key, op) for _, op in local_hints], [t for t, _ in local_hints])
         for fb, fb_items in retry.items():
             view.background.start_soon(self._deliver, ring, fb, fb_items, reqs, on_result)
 

@@ -73,6 +73,6 @@ class Health:
         for service in SERVICES:
             await self.servicer.set(service, status)
 
-    async def end_watches(self) -> None:
+    def end_watches(self) -> None:
         """End every Watch stream (the server is about to stop). On the transport loop."""
         self.servicer.end_watches()

@@ -335,7 +335,7 @@ class Node:
                 await self.transport.run(self.health.set, False)
             await trio.sleep(self.config.drain_notice_s)  # health checkers take the node out first
             async def stop() -> None:
-                await self.health.end_watches()
+                self.health.end_watches()
                 await server.stop(grace)
 
             with trio.move_on_after(grace + 1):
