@@ -71,6 +71,7 @@ class NodeConfig:
     max_concurrent_internal_calls: int = 256  # Internal.Call from peers (gossip, repair, streaming)
     max_replica_batches_in_flight: int = 256  # replica batches handled at once; more wait (backpressure)
     max_stream_batches_in_flight: int = 8  # per replica stream; a peer sends at most 2 (peers.MAX_IN_FLIGHT)
+    max_session_batches_in_flight: int = 16  # per client session stream; more are not read (backpressure)
     admin_command_timeout_s: float = 3600.0  # default deadline of an admin command sent without one
     test_hooks: bool = False             # enables fault-injection admin calls; never in production
     test_drop_writes: bool = False       # a deliberately broken node: acks writes it never stores
@@ -115,7 +116,8 @@ class NodeConfig:
         need(self.stream_rate_bytes_per_s > 0, "stream_rate_bytes_per_s: must be > 0")
         for name in ("max_concurrent_requests", "max_concurrent_requests_per_connection",
                      "max_inflight_request_bytes", "max_concurrent_internal_calls",
-                     "max_replica_batches_in_flight", "max_stream_batches_in_flight"):
+                     "max_replica_batches_in_flight", "max_stream_batches_in_flight",
+                     "max_session_batches_in_flight"):
             value = getattr(self, name)
             need(isinstance(value, int) and value >= 1, f"{name}: {value!r} must be an integer >= 1")
         need(self.max_concurrent_requests_per_connection <= self.max_concurrent_requests,

@@ -188,3 +188,31 @@ class RingResponse(_message.Message):
     n: int
     epoch: int
     def __init__(self, nodes: _Optional[_Iterable[_Union[RingNode, _Mapping]]] = ..., n: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
+
+class SessionRequest(_message.Message):
+    __slots__ = ("id", "timeout_ms", "put", "get", "delete")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    PUT_FIELD_NUMBER: _ClassVar[int]
+    GET_FIELD_NUMBER: _ClassVar[int]
+    DELETE_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    timeout_ms: int
+    put: BatchPutRequest
+    get: BatchGetRequest
+    delete: BatchDeleteRequest
+    def __init__(self, id: _Optional[int] = ..., timeout_ms: _Optional[int] = ..., put: _Optional[_Union[BatchPutRequest, _Mapping]] = ..., get: _Optional[_Union[BatchGetRequest, _Mapping]] = ..., delete: _Optional[_Union[BatchDeleteRequest, _Mapping]] = ...) -> None: ...
+
+class SessionResponse(_message.Message):
+    __slots__ = ("id", "error", "put", "get", "delete")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    PUT_FIELD_NUMBER: _ClassVar[int]
+    GET_FIELD_NUMBER: _ClassVar[int]
+    DELETE_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    error: ItemStatus
+    put: BatchPutResponse
+    get: BatchGetResponse
+    delete: BatchDeleteResponse
+    def __init__(self, id: _Optional[int] = ..., error: _Optional[_Union[ItemStatus, _Mapping]] = ..., put: _Optional[_Union[BatchPutResponse, _Mapping]] = ..., get: _Optional[_Union[BatchGetResponse, _Mapping]] = ..., delete: _Optional[_Union[BatchDeleteResponse, _Mapping]] = ...) -> None: ...

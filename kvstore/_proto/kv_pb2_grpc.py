@@ -69,6 +69,11 @@ class KVStub:
                 request_serializer=kvstore_dot_v1_dot_kv__pb2.RingRequest.SerializeToString,
                 response_deserializer=kvstore_dot_v1_dot_kv__pb2.RingResponse.FromString,
                 _registered_method=True)
+        self.Session = channel.stream_stream(
+                '/kvstore.v1.KV/Session',
+                request_serializer=kvstore_dot_v1_dot_kv__pb2.SessionRequest.SerializeToString,
+                response_deserializer=kvstore_dot_v1_dot_kv__pb2.SessionResponse.FromString,
+                _registered_method=True)
 
 
 class KVServicer:
@@ -116,6 +121,15 @@ class KVServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Session(self, request_iterator, context):
+        """The Batch* methods on one long-lived stream: a client keeps one per node it talks to.
+        Batches are handled concurrently and answered in any order, by id. A node that stops ends
+        its sessions (status OK) once the batches in flight are answered.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -153,6 +167,11 @@ def add_KVServicer_to_server(servicer, server):
                     servicer.Ring,
                     request_deserializer=kvstore_dot_v1_dot_kv__pb2.RingRequest.FromString,
                     response_serializer=kvstore_dot_v1_dot_kv__pb2.RingResponse.SerializeToString,
+            ),
+            'Session': grpc.stream_stream_rpc_method_handler(
+                    servicer.Session,
+                    request_deserializer=kvstore_dot_v1_dot_kv__pb2.SessionRequest.FromString,
+                    response_serializer=kvstore_dot_v1_dot_kv__pb2.SessionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -344,6 +363,33 @@ class KV:
             '/kvstore.v1.KV/Ring',
             kvstore_dot_v1_dot_kv__pb2.RingRequest.SerializeToString,
             kvstore_dot_v1_dot_kv__pb2.RingResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Session(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/kvstore.v1.KV/Session',
+            kvstore_dot_v1_dot_kv__pb2.SessionRequest.SerializeToString,
+            kvstore_dot_v1_dot_kv__pb2.SessionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -8,7 +8,9 @@ retried the same way when a node refused it as overloaded (refused at admission:
 """
 from __future__ import annotations
 
+import queue
 import random
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -32,6 +34,10 @@ _BATCH_OF = {
     "Get": ("BatchGet", kv_pb2.BatchGetRequest),
     "Delete": ("BatchDelete", kv_pb2.BatchDeleteRequest),
 }
+_SESSION_KIND = {"BatchPut": "put", "BatchGet": "get", "BatchDelete": "delete"}
+#: how long past a batch's own timeout a session waits for its answer (the node answers by the
+#: timeout itself, naming the acknowledgements it got; this only covers a reply that never comes)
+SESSION_SLACK_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -120,6 +126,120 @@ class _Conn:
         self.kv = kv_pb2_grpc.KVStub(self.channel)
         self.admin = admin_pb2_grpc.AdminStub(self.channel)
         self.watch = health_pb2_grpc.HealthStub(self.channel).Watch(health_pb2.HealthCheckRequest(service=""))
+        self.session: _Session | None = None
+        self.sessions_served = True  # until the node answers UNIMPLEMENTED
+
+    async def batch(self, method: str, batch: Any, timeout_s: float) -> Any:
+        """One Batch* call, on this node's session when it serves them."""
+        if self.sessions_served:
+            session = self.session
+            if session is None or session.ended is not None or session.token is not trio.lowlevel.current_trio_token():
+                if session is not None:
+                    session.close()
+                session = self.session = _Session(self.kv)
+            try:
+                return await session.call(_SESSION_KIND[method], batch, timeout_s)
+            except _NoSessions:
+                self.sessions_served = False  # nothing was sent: the unary call below carries it
+        return await _wait(getattr(self.kv, method).future(batch, timeout=timeout_s))
+
+    def close(self) -> None:
+        if self.session is not None:
+            self.session.close()
+        self.channel.close()
+
+
+class _NoSessions(Exception):
+    """The node does not serve KV.Session (an older version): use the unary Batch* methods."""
+
+
+class _Waiter:
+    __slots__ = ("done", "response", "error")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.response: kv_pb2.SessionResponse | None = None
+        self.error: BaseException | None = None
+
+
+class _Session:
+    """A KV.Session stream to one node, carrying every batch this client sends it.
+
+    One message each way per batch instead of a unary call: measured with bare grpc (70 KB
+    batches, sync client, grpc.aio server) a round trip took half the time, and the node spent
+    140-160 instead of 320-350 µs of CPU per batch. Requests go to grpcio's request-consuming
+    thread through a queue; a reader thread hands each reply to trio with `run_sync_soon`. When
+    the stream fails or the node ends it (it is stopping), the batches waiting on it fail with
+    the stream's error and the next batch opens a new session.
+    """
+
+    def __init__(self, stub: kv_pb2_grpc.KVStub) -> None:
+        self.token = trio.lowlevel.current_trio_token()
+        self.requests: queue.SimpleQueue = queue.SimpleQueue()
+        self.pending: dict[int, _Waiter] = {}
+        self.next_id = 1
+        self.ended: BaseException | None = None
+        self.replies = stub.Session(iter(self.requests.get, None))
+        threading.Thread(target=self._read, name="kvstore-session", daemon=True).start()
+
+    async def call(self, kind: str, batch: Any, timeout_s: float) -> Any:
+        if self.ended is not None:
+            raise self.ended
+        rid, self.next_id = self.next_id, self.next_id + 1
+        waiter = self.pending[rid] = _Waiter()
+        self.requests.put(kv_pb2.SessionRequest(id=rid, timeout_ms=max(1, round(timeout_s * 1000)), **{kind: batch}))
+        try:
+            with trio.move_on_after(timeout_s + SESSION_SLACK_S):
+                await waiter.done.wait()
+        finally:
+            self.pending.pop(rid, None)
+        if waiter.error is not None:
+            raise waiter.error
+        resp = waiter.response
+        if resp is None:
+            raise DeadlineExceeded(f"no answer within {timeout_s:.3g}s")
+        if resp.error.code:
+            raise error_from(resp.error.code, resp.error.message)
+        return getattr(resp, kind)
+
+    def close(self) -> None:
+        self.requests.put(None)  # ends the request iterator, so grpcio's consuming thread exits
+        self.replies.cancel()
+
+    # -- the reader thread and what it hands to trio --
+
+    def _read(self) -> None:
+        error: BaseException
+        try:
+            for reply in self.replies:
+                self._post(self._answer, reply)
+            error = Unavailable("the node ended the session (it is stopping)")
+        except grpc.RpcError as exc:
+            code = exc.code()
+            error = _NoSessions() if code == grpc.StatusCode.UNIMPLEMENTED else \
+                error_from(code, exc.details() or code.name)
+        except Exception as exc:  # noqa: BLE001 - the session is over either way
+            error = Unavailable(f"session failed: {exc}")
+        self.requests.put(None)
+        self._post(self._end, error)
+
+    def _post(self, fn: Callable[[Any], None], arg: Any) -> None:
+        try:
+            self.token.run_sync_soon(fn, arg)
+        except trio.RunFinishedError:
+            pass
+
+    def _answer(self, reply: kv_pb2.SessionResponse) -> None:
+        waiter = self.pending.get(reply.id)
+        if waiter is not None:  # else its caller gave up (cancelled or timed out)
+            waiter.response = reply
+            waiter.done.set()
+
+    def _end(self, error: BaseException) -> None:
+        self.ended = error
+        for waiter in self.pending.values():
+            waiter.error = error
+            waiter.done.set()
 
 
 async def _wait(future: grpc.Future) -> Any:
@@ -197,7 +317,7 @@ class Client:
 
     def close(self) -> None:
         for conn in self._conns.values():
-            conn.channel.close()
+            conn.close()
         self._conns.clear()
 
     def _conn(self, address: str) -> _Conn:
@@ -265,6 +385,8 @@ class Client:
             try:
                 if self.coalesce and method in _BATCH_OF:
                     return await self._coalescer(address, method).submit(request, deadline)
+                if method in _SESSION_KIND:
+                    return await self._conn(address).batch(method, request, remaining)
                 return await _wait(getattr(self._conn(address).kv, method).future(request, timeout=remaining))
             except (Unavailable, Overloaded) as exc:
                 attempt += 1
@@ -281,10 +403,10 @@ class Client:
         found = self._coalescers.get((address, method))
         if found is None:
             batch_method, request_cls = _BATCH_OF[method]
-            stub = getattr(self._conn(address).kv, batch_method)
+            conn = self._conn(address)
 
             async def send(items: Sequence[Any], timeout_s: float) -> list[Any]:
-                resp = await _wait(stub.future(request_cls(items=items), timeout=timeout_s))
+                resp = await conn.batch(batch_method, request_cls(items=items), timeout_s)
                 return [r if st.code == 0 else error_from(st.code, st.message)
                         for r, st in zip(resp.results, resp.statuses)]
 

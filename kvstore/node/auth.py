@@ -45,6 +45,8 @@ METHOD_ROLES: dict[str, str] = {
     "/kvstore.v1.KV/Delete": "write",
     "/kvstore.v1.KV/BatchPut": "write",
     "/kvstore.v1.KV/BatchDelete": "write",
+    # each batch on a session is checked for the role of its Batch* method (node/server.py)
+    "/kvstore.v1.KV/Session": ANY,
     "/kvstore.v1.Admin/Status": "read",
     "/kvstore.v1.Admin/Locate": "read",
     "/kvstore.v1.Admin/Command": "admin",

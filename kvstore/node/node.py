@@ -41,7 +41,7 @@ from kvstore.node.limits import Admission
 from kvstore.node.local import LocalStore
 from kvstore.node.metrics import Metrics, MetricsServer, metrics_address
 from kvstore.node.peers import Peer, channel_options
-from kvstore.node.server import make_server
+from kvstore.node.server import Sessions, make_server
 from kvstore.node.status import code_of, message_of, number_of
 from kvstore.storage.base import Engine, FsyncPolicy
 
@@ -120,6 +120,7 @@ class Node:
                  keys: Keys, security: NodeSecurity | None = None) -> None:
         self.config = config
         self.security = security or NodeSecurity(None, None)
+        self.sessions = Sessions()  # open client sessions, ended at stop (touched on the transport loop)
         self.keys = keys
         self.transport = transport
         self.engine = engine
@@ -336,6 +337,7 @@ class Node:
             await trio.sleep(self.config.drain_notice_s)  # health checkers take the node out first
             async def stop() -> None:
                 self.health.end_watches()
+                self.sessions.end()
                 await server.stop(grace)
 
             with trio.move_on_after(grace + 1):

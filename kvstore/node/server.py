@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any, Awaitable, Callable, Sequence
 
 import grpc
 
 from kvstore._proto import admin_pb2, admin_pb2_grpc, internal_pb2, internal_pb2_grpc, kv_pb2, kv_pb2_grpc
-from kvstore.errors import KvError
+from kvstore.errors import DeadlineExceeded, InvalidArgument, KvError
 from kvstore.node import logs
 from kvstore.node.api import FORWARDED_HEADER, raise_item
 from kvstore.node.interceptor import ObservingInterceptor
-from kvstore.node.guard import Gate, Malformed, add_guarded
-from kvstore.node.status import code_of, message_of
+from kvstore.node.guard import KV_BACKSTOP_SLACK_S, Gate, Malformed, add_guarded
+from kvstore.node.status import code_of, message_of, number_of
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +43,20 @@ class _Base:
 
 
 _OPS = {None: "get", False: "put", True: "delete"}  # is_delete -> op label of kvstore_items_total
+# a session request's batch kind -> is_delete, its response type, the unary method whose role it needs
+_SESSION_KINDS: dict[str, bool | None] = {"put": False, "get": None, "delete": True}
+_SESSION_RESPONSES = {"put": kv_pb2.BatchPutResponse, "get": kv_pb2.BatchGetResponse,
+                      "delete": kv_pb2.BatchDeleteResponse}
+_SESSION_METHODS = {"put": "/kvstore.v1.KV/BatchPut", "get": "/kvstore.v1.KV/BatchGet",
+                    "delete": "/kvstore.v1.KV/BatchDelete"}
 
 
 class KVServicer(_Base, kv_pb2_grpc.KVServicer):
+    def __init__(self, node: Any) -> None:
+        super().__init__(node)
+        # session batches are counted and timed as their Batch* method (an unknown kind as Session)
+        self._recorders: dict[str, Callable[[grpc.StatusCode, float], None]] = {}
+
     async def _single(self, context: Any, request: Any, batch: Callable, is_delete: bool | None) -> Any:
         forwarded, timeout = _forwarded(context), context.time_remaining()
 
@@ -92,6 +104,145 @@ class KVServicer(_Base, kv_pb2_grpc.KVServicer):
 
     async def Ring(self, request: kv_pb2.RingRequest, context: Any) -> kv_pb2.RingResponse:
         return await self._run(context, self.node.ring_response)
+
+    async def Session(self, request_iterator: Any, context: Any) -> None:
+        """A client session: Batch* requests on one stream, each handled concurrently and answered
+        by id. One message each way per batch instead of a call: 140-160 against 320-350 µs of
+        this node's CPU per batch (measured, bare grpc.aio, 70 KB messages). Each batch is admitted,
+        authorized (by the role its Batch* method needs) and timed like the unary call."""
+        sessions = self.node.sessions
+        try:
+            rid = next((logs.check_request_id(v if isinstance(v, str) else "") for k, v
+                        in context.invocation_metadata() or () if k == logs.REQUEST_ID_HEADER), None)
+        except KvError as exc:
+            await context.abort(code_of(exc), message_of(exc))
+        me = asyncio.current_task()
+        assert me is not None
+        write_lock = asyncio.Lock()
+        tasks: set[asyncio.Task] = set()
+        room = asyncio.Semaphore(self.node.config.max_session_batches_in_flight)
+        peer = context.peer() or "?"
+
+        async def handle(request: kv_pb2.SessionRequest) -> None:
+            reply = await self._session_batch(request, context, peer, rid)
+            try:
+                async with write_lock:
+                    await context.write(reply)
+            except Exception as exc:  # noqa: BLE001 - the stream ended under the write: client gone
+                log.debug("session reply %d not sent: %s", request.id, exc)
+
+        def finished(task: asyncio.Task) -> None:
+            tasks.discard(task)
+            room.release()
+
+        bad: KvError | None = None
+        try:
+            while True:
+                await room.acquire()
+                if sessions.ended:
+                    room.release()
+                    break
+                sessions.reading.add(me)
+                try:
+                    request = await context.read()
+                except asyncio.CancelledError:
+                    room.release()
+                    if sessions.ended:
+                        break  # Sessions.end() stopped this read: answer what is in flight, end
+                    raise
+                finally:
+                    sessions.reading.discard(me)
+                if request is grpc.aio.EOF:
+                    room.release()
+                    break
+                if isinstance(request, Malformed):  # it has no id to answer by: end the stream
+                    room.release()
+                    bad = request.error()
+                    break
+                task = asyncio.create_task(handle(request))
+                tasks.add(task)
+                task.add_done_callback(finished)
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            for task in tasks:
+                task.cancel()
+        if bad is not None:
+            await context.abort(code_of(bad), f"session: {message_of(bad)}")
+
+    async def _session_batch(self, request: kv_pb2.SessionRequest, context: Any, peer: str,
+                             session_rid: str | None) -> kv_pb2.SessionResponse:
+        """One batch of a session, answered like its Batch* call: admitted, authorized for that
+        method's role, timed, logged under a request id (the session's x-request-id, or one of
+        its own) and counted in the metrics as that method."""
+        node = self.node
+        kind = request.WhichOneof("batch")
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        logs.request_id.set(session_rid or logs.new_request_id())
+        logs.node_id.set(node.node_id)
+        try:
+            if kind is None:
+                raise InvalidArgument("batch: a session request carries put, get or delete")
+            authorizer = node.security.authorizer
+            if authorizer is not None:  # decided exactly as for the Batch* call
+                authorizer.check(_SESSION_METHODS[kind], context.auth_context(), context.invocation_metadata() or ())
+            ticket = node.admission.admit("client", peer, request.ByteSize())
+            try:
+                budget = request.timeout_ms / 1000 if request.timeout_ms else node.config.request_timeout_s
+                try:
+                    # the API answers by the budget itself (acks got/needed); this is a backstop
+                    async with asyncio.timeout(budget + KV_BACKSTOP_SLACK_S):
+                        result = await node.transport.to_trio(logs.carry(self._session_run, node.node_id),
+                                                              kind, getattr(request, kind), budget)
+                except TimeoutError:
+                    raise DeadlineExceeded(f"deadline: no answer within {budget:.3g}s") from None
+            finally:
+                node.admission.release(ticket)
+            return kv_pb2.SessionResponse(id=request.id, **{kind: result})
+        except Exception as exc:  # noqa: BLE001 - a KvError as its status; a bug as INTERNAL
+            if not isinstance(exc, KvError):
+                log.exception("unexpected error in a session batch")
+            code = code_of(exc)
+            return kv_pb2.SessionResponse(id=request.id, error=kv_pb2.ItemStatus(code=number_of(code),
+                                                                                message=message_of(exc)))
+        finally:
+            self._session_recorder(kind or "none")(code, time.perf_counter() - started)
+
+    async def _session_run(self, kind: str, batch: Any, budget: float) -> Any:
+        node, is_delete = self.node, _SESSION_KINDS[kind]
+        items = list(batch.items)
+        if is_delete is None:
+            results, statuses = await node.api.get_batch(items, False, budget)
+        else:
+            results, statuses = await node.api.write_batch(items, is_delete, False, budget)
+        node.metrics.count_items(_OPS[is_delete], statuses)
+        return _SESSION_RESPONSES[kind](results=results, statuses=statuses)
+
+    def _session_recorder(self, kind: str) -> Callable[[grpc.StatusCode, float], None]:
+        found = self._recorders.get(kind)
+        if found is None:
+            method = _SESSION_METHODS[kind].rsplit("/", 1)[1] if kind in _SESSION_METHODS else "Session"
+            found = self._recorders[kind] = self.node.metrics.rpc_recorder("kvstore.v1.KV", method)
+        return found
+
+
+class Sessions:
+    """The open KV.Session streams of a server, so a stopping node can end them: a client holds
+    its session open for its whole life, and `server.stop(grace)` would wait out the grace."""
+
+    def __init__(self) -> None:
+        self.reading: set[asyncio.Task] = set()  # session handlers waiting for their next request
+        self.ended = False
+
+    def end(self) -> None:
+        """On the transport loop: sessions read no more requests, answer the ones in flight, and
+        end with status OK (the client's next batch opens a new session, elsewhere if need be).
+        A request the node had received but not yet read when its read was cancelled goes
+        unanswered: the client fails it as UNAVAILABLE when the stream ends."""
+        self.ended = True
+        for task in list(self.reading):
+            task.cancel()
 
 
 class InternalServicer(_Base, internal_pb2_grpc.InternalServicer):

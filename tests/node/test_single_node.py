@@ -133,12 +133,12 @@ async def test_random_bytes_to_every_method_cost_only_that_request(nodes) -> Non
                     codes.append(grpc.StatusCode.OK)
                 except grpc.RpcError as exc:
                     codes.append(exc.code())
-        stream = channel.stream_stream("/kvstore.v1.Internal/Stream", request_serializer=None,
-                                       response_deserializer=None)
-        try:
-            list(stream(iter([os.urandom(50), b"\x0a\x03\x01\x02\x03"]), timeout=2))
-        except grpc.RpcError as exc:
-            codes.append(exc.code())
+        for name in ("/kvstore.v1.Internal/Stream", "/kvstore.v1.KV/Session"):
+            stream = channel.stream_stream(name, request_serializer=None, response_deserializer=None)
+            try:
+                list(stream(iter([os.urandom(50), b"\x0a\x03\x01\x02\x03"]), timeout=2))
+            except grpc.RpcError as exc:
+                codes.append(exc.code())
         return codes
 
     try:
