@@ -35,9 +35,13 @@ _BATCH_OF = {
     "Delete": ("BatchDelete", kv_pb2.BatchDeleteRequest),
 }
 _SESSION_KIND = {"BatchPut": "put", "BatchGet": "get", "BatchDelete": "delete"}
+_BATCH_REQUEST = {name: cls for name, cls in _BATCH_OF.values()}
 #: how long past a batch's own timeout a session waits for its answer (the node answers by the
 #: timeout itself, naming the acknowledgements it got; this only covers a reply that never comes)
 SESSION_SLACK_S = 0.5
+#: keys whose coordinator a client remembers until the next ring refresh: a lookup instead of a
+#: hash and a ring search per call
+ROUTE_CACHE_KEYS = 65536
 
 
 @dataclass(frozen=True)
@@ -129,8 +133,8 @@ class _Conn:
         self.session: _Session | None = None
         self.sessions_served = True  # until the node answers UNIMPLEMENTED
 
-    async def batch(self, method: str, batch: Any, timeout_s: float) -> Any:
-        """One Batch* call, on this node's session when it serves them."""
+    async def batch(self, method: str, items: Sequence[Any], timeout_s: float) -> Any:
+        """One Batch* call of these items, on this node's session when it serves them."""
         if self.sessions_served:
             session = self.session
             if session is None or session.ended is not None or session.token is not trio.lowlevel.current_trio_token():
@@ -138,10 +142,11 @@ class _Conn:
                     session.close()
                 session = self.session = _Session(self.kv)
             try:
-                return await session.call(_SESSION_KIND[method], batch, timeout_s)
+                return await session.call(_SESSION_KIND[method], items, timeout_s)
             except _NoSessions:
                 self.sessions_served = False  # nothing was sent: the unary call below carries it
-        return await _wait(getattr(self.kv, method).future(batch, timeout=timeout_s))
+        request = _BATCH_REQUEST[method](items=items)
+        return await _wait(getattr(self.kv, method).future(request, timeout=timeout_s))
 
     def close(self) -> None:
         if self.session is not None:
@@ -182,12 +187,14 @@ class _Session:
         self.replies = stub.Session(iter(self.requests.get, None))
         threading.Thread(target=self._read, name="kvstore-session", daemon=True).start()
 
-    async def call(self, kind: str, batch: Any, timeout_s: float) -> Any:
+    async def call(self, kind: str, items: Sequence[Any], timeout_s: float) -> Any:
         if self.ended is not None:
             raise self.ended
         rid, self.next_id = self.next_id, self.next_id + 1
         waiter = self.pending[rid] = _Waiter()
-        self.requests.put(kv_pb2.SessionRequest(id=rid, timeout_ms=max(1, round(timeout_s * 1000)), **{kind: batch}))
+        request = kv_pb2.SessionRequest(id=rid, timeout_ms=max(1, round(timeout_s * 1000)))
+        getattr(request, kind).items.extend(items)  # one copy of the items (a kwarg copied twice)
+        self.requests.put(request)
         try:
             with trio.move_on_after(timeout_s + SESSION_SLACK_S):
                 await waiter.done.wait()
@@ -305,6 +312,8 @@ class Client:
         self._topology_at = -1e9
         # this session's order of coordinators (address -> rank): see Topology.coordinator
         self._order: dict[str, int] = {}
+        # key -> coordinator under the current topology and order (cleared when either changes)
+        self._routes: dict[bytes, str] = {}
         self._rng = random.Random()
         self._options_memo: dict[tuple[int, bool], kv_pb2.Options] = {}
         self._credentials = client_credentials(tls, token)
@@ -332,6 +341,16 @@ class Client:
             found = self._options_memo[(self.n, strict)] = kv_pb2.Options(n=self.n, strict=strict)
         return found
 
+    def _common(self, level: str | int | Level | None, strict: bool, name: str = "w") -> dict[str, Any]:
+        """The level and options fields of a request, leaving out what equals the defaults (an
+        unset message field reads as its default on the node; building it cost a copy per call)."""
+        kw: dict[str, Any] = {}
+        if level is not None:
+            kw[name] = _level(level)
+        if self.n or strict:
+            kw["options"] = self._options(strict)
+        return kw
+
     # ---- routing -------------------------------------------------------------------------
 
     async def refresh_ring(self) -> Topology:
@@ -345,6 +364,7 @@ class Client:
             self._topology = Topology.from_nodes(
                 ((n.node_id, n.address, n.zone, tuple(n.tokens), n.up) for n in resp.nodes), resp.n
             )
+            self._routes.clear()
             addresses = set(self._topology.addresses.values())
             if set(self._order) != addresses:
                 # A random order of the nodes per client session, kept while they stay: every key
@@ -366,8 +386,16 @@ class Client:
                 except KvError:
                     self._topology = None
             if self._topology is not None:
+                if not avoid:
+                    addr = self._routes.get(key)
+                    if addr is not None:
+                        return addr
                 addr = self._topology.coordinator(key, self.n or None, avoid, self._order)
                 if addr is not None:
+                    if not avoid:
+                        if len(self._routes) >= ROUTE_CACHE_KEYS:
+                            self._routes.clear()
+                        self._routes[key] = addr
                     return addr
         candidates = [a for a in self.addresses if a not in avoid] or self.addresses
         return self._rng.choice(candidates)
@@ -386,7 +414,7 @@ class Client:
                 if self.coalesce and method in _BATCH_OF:
                     return await self._coalescer(address, method).submit(request, deadline)
                 if method in _SESSION_KIND:
-                    return await self._conn(address).batch(method, request, remaining)
+                    return await self._conn(address).batch(method, request.items, remaining)
                 return await _wait(getattr(self._conn(address).kv, method).future(request, timeout=remaining))
             except (Unavailable, Overloaded) as exc:
                 attempt += 1
@@ -402,11 +430,11 @@ class Client:
     def _coalescer(self, address: str, method: str) -> Coalescer:
         found = self._coalescers.get((address, method))
         if found is None:
-            batch_method, request_cls = _BATCH_OF[method]
+            batch_method = _BATCH_OF[method][0]
             conn = self._conn(address)
 
             async def send(items: Sequence[Any], timeout_s: float) -> list[Any]:
-                resp = await conn.batch(batch_method, request_cls(items=items), timeout_s)
+                resp = await conn.batch(batch_method, items, timeout_s)
                 return [r if st.code == 0 else error_from(st.code, st.message)
                         for r, st in zip(resp.results, resp.statuses)]
 
@@ -435,16 +463,19 @@ class Client:
     ) -> bytes:
         """Store `value`; returns a context that supersedes it. With `context` from a read, the
         write replaces what was read; `conditional=True` fails with StaleContext if it changed."""
-        req = kv_pb2.PutRequest(
-            key=key, value=value, context=context, w=_level(w or self.default_w), options=self._options(strict),
-            ttl_s=ttl_s, conditional=conditional,
-        )
+        req = kv_pb2.PutRequest(key=key, value=value, **self._common(w or self.default_w, strict))
+        if context:
+            req.context = context
+        if ttl_s:
+            req.ttl_s = ttl_s
+        if conditional:
+            req.conditional = True
         return (await self._call(key, "Put", req, timeout_s, idempotent=False)).context
 
     async def get(self, key: bytes, *, r: str | int | None = None, strict: bool = False,
                   timeout_s: float | None = None) -> Versions:
         """Read every live sibling of `key` (found=False when there is none)."""
-        req = kv_pb2.GetRequest(key=key, r=_level(r or self.default_r), options=self._options(strict))
+        req = kv_pb2.GetRequest(key=key, **self._common(r or self.default_r, strict, "r"))
         return _versions(await self._call(key, "Get", req, timeout_s, idempotent=True))
 
     async def get_value(self, key: bytes, **kw: Any) -> bytes:
@@ -459,7 +490,7 @@ class Client:
     async def delete(self, key: bytes, *, context: bytes = b"", w: str | int | None = None,
                      strict: bool = False, timeout_s: float | None = None) -> bytes:
         """Delete `key` (a tombstone); with `context`, deletes exactly what was read."""
-        req = kv_pb2.DeleteRequest(key=key, context=context, w=_level(w or self.default_w), options=self._options(strict))
+        req = kv_pb2.DeleteRequest(key=key, context=context, **self._common(w or self.default_w, strict))
         return (await self._call(key, "Delete", req, timeout_s, idempotent=False)).context
 
     # ---- batches ----------------------------------------------------------------------------
