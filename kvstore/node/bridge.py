@@ -303,6 +303,14 @@ class Transport:
 
     # ----------------------------------------------------------------- asyncio -> trio
 
+    def to_trio_nowait(self, fn: Callable[..., Any], *args: Any) -> None:
+        """From the loop (or any thread): run the plain function `fn(*args)` on trio soon, in order
+        with every other call handed to trio, without waiting for it. Dropped once trio is gone."""
+        try:
+            self._token.run_sync_soon(fn, *args)
+        except trio.RunFinishedError:
+            pass
+
     async def to_trio(self, async_fn: AsyncFn, *args: Any) -> Any:
         """From the loop: ``await async_fn(*args)`` as a trio task in serve()'s nursery.
 

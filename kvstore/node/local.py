@@ -17,7 +17,7 @@ from kvstore.core.records import decode_record, digest, encode_record, value_aad
 from kvstore.core.versions import Sibling, VersionVector
 from kvstore.core.wire import RecordOp
 from kvstore.errors import InvalidArgument, KvError, StaleContext
-from kvstore.storage.base import Engine
+from kvstore.storage.base import Engine, UpdateResult
 
 log = logging.getLogger(__name__)
 
@@ -147,28 +147,7 @@ class LocalStore:
         are those plus the write, so merging would give the same set (and cost a decode of each,
         a merge and an encode per replicated op)."""
 
-        def updater(key: bytes, incoming: list[Sibling] | RecordOp):
-            def apply(old: bytes | None) -> bytes | None:
-                if isinstance(incoming, RecordOp):
-                    if digest(old) == incoming.base:
-                        return old if self.drop_writes else incoming.record
-                    try:
-                        sent = decode_record(incoming.record, key)
-                    except KvError as exc:
-                        raise InvalidArgument(f"replica op for key {key[:64]!r}: {exc}") from None
-                else:
-                    sent = incoming
-                local = decode_record(old, key) if old else []
-                merged = versions.merge(local, sent)
-                if old is not None and [s.dot for s in merged] == [s.dot for s in local]:
-                    return old  # nothing new: keep the bytes as they are
-                if len(merged) >= self.limits.warn_siblings:
-                    # a replica never refuses what a coordinator accepted: that would diverge
-                    log.warning("key %r has %d siblings", key[:64], len(merged))
-                return old if self.drop_writes else encode_record(merged)
-
-            return apply
-
+        updater = self._merger
         if self.observe_hlc is not None:
             newest = max((inc.hlc if isinstance(inc, RecordOp) else max((s.hlc for s in inc), default=0)
                           for _, inc in items), default=0)
@@ -191,6 +170,58 @@ class LocalStore:
                 if isinstance(r, BaseException):
                     out[i] = r
         return out
+
+    def _merger(self, key: bytes, incoming: list[Sibling] | RecordOp) -> Callable[[bytes | None], bytes | None]:
+        """The updater that merges `incoming` into the record stored under `key` (see merge_many)."""
+
+        def apply(old: bytes | None) -> bytes | None:
+            if isinstance(incoming, RecordOp):
+                if digest(old) == incoming.base:
+                    return old if self.drop_writes else incoming.record
+                try:
+                    sent = decode_record(incoming.record, key)
+                except KvError as exc:
+                    raise InvalidArgument(f"replica op for key {key[:64]!r}: {exc}") from None
+            else:
+                sent = incoming
+            local = decode_record(old, key) if old else []
+            merged = versions.merge(local, sent)
+            if old is not None and [s.dot for s in merged] == [s.dot for s in local]:
+                return old  # nothing new: keep the bytes as they are
+            if len(merged) >= self.limits.warn_siblings:
+                # a replica never refuses what a coordinator accepted: that would diverge
+                log.warning("key %r has %d siblings", key[:64], len(merged))
+            return old if self.drop_writes else encode_record(merged)
+
+        return apply
+
+    # -- from another thread (the transport loop's replica path, kvstore/node/fastpath.py) --
+
+    def merge_records_nowait(self, ops: Sequence[RecordOp],
+                             done: Callable[[list[BaseException | None] | BaseException], None]) -> bool:
+        """merge_many of records (no hints) for a caller that is not on trio: queued at once, and
+        `done` called on the storage thread once committed, with a result per op (None: stored)
+        or the error of the whole transaction. The caller tells the clock (`observe_hlc`) on
+        trio. False, with nothing queued, when the engine takes work only from trio."""
+        submit = getattr(self.engine, "update_many_nowait", None)
+        if submit is None:
+            return False
+
+        def finished(results: list[UpdateResult] | BaseException) -> None:
+            done(results if isinstance(results, BaseException)
+                 else [r if isinstance(r, BaseException) else None for r in results])
+
+        submit([(op.key, self._merger(op.key, op)) for op in ops], finished)
+        return True
+
+    def read_raw_nowait(self, keys: Sequence[bytes],
+                        done: Callable[[list[bytes | None] | BaseException], None]) -> bool:
+        """read_raw_many for a caller that is not on trio; like merge_records_nowait."""
+        submit = getattr(self.engine, "get_many_nowait", None)
+        if submit is None:
+            return False
+        submit(keys, done)
+        return True
 
     async def purge_many(self, items: Sequence[tuple[bytes, frozenset[tuple[str, int]]]]) -> int:
         """Delete records that are exactly the given tombstones (anything else is left alone)."""

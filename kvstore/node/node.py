@@ -10,7 +10,7 @@ import random
 import secrets
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import grpc
 import trio
@@ -24,7 +24,7 @@ from kvstore.core.membership import NodeState, Status, ring_of
 from kvstore.core.ring import Ring
 from kvstore.core.hlc import physical_ms
 from kvstore.core.records import decode_record, encode_record, siblings_from_reply
-from kvstore.core.wire import PurgeOp, ReadOp, RecordOp, WriteOp
+from kvstore.core.wire import PurgeOp, ReadOp, RecordOp, ReplicaOp, WriteOp
 from kvstore.certs import CertError
 from kvstore.errors import InvalidArgument, KvError, PermissionDenied, ResourceExhausted, Unavailable
 from kvstore.node.api import FORWARDED_HEADER, Api
@@ -352,8 +352,9 @@ class Node:
 
     # ---- replica side ---------------------------------------------------------------------
 
-    async def handle_batch(self, payload: bytes) -> bytes:
-        batch_id, ops = wire.decode_batch(payload)
+    async def handle_batch(self, batch_id: int, ops: Sequence[ReplicaOp | InvalidArgument]) -> bytes:
+        """A replica batch the transport loop could not serve by itself (kvstore/node/fastpath.py):
+        hints, purges, read-repair writes, mixed batches, and ops that did not decode."""
         results: list[tuple[int, Any]] = [(0, None)] * len(ops)
         writes = [(i, op) for i, op in enumerate(ops) if isinstance(op, (RecordOp, WriteOp))]
         reads = [(i, op) for i, op in enumerate(ops) if isinstance(op, ReadOp)]

@@ -11,7 +11,9 @@ import grpc
 
 from kvstore._proto import admin_pb2, admin_pb2_grpc, internal_pb2, internal_pb2_grpc, kv_pb2, kv_pb2_grpc
 from kvstore.errors import DeadlineExceeded, InvalidArgument, KvError
+from kvstore.core import wire
 from kvstore.node import logs
+from kvstore.node.fastpath import serve_on_loop
 from kvstore.node.api import FORWARDED_HEADER, raise_item
 from kvstore.node.interceptor import ObservingInterceptor
 from kvstore.node.guard import KV_BACKSTOP_SLACK_S, Gate, Malformed, add_guarded
@@ -259,8 +261,11 @@ class InternalServicer(_Base, internal_pb2_grpc.InternalServicer):
 
         async def handle(payload: bytes) -> None:
             try:
-                reply = await self.node.transport.to_trio(logs.carry(self.node.handle_batch, self.node.node_id),
-                                                          payload)
+                batch_id, ops = wire.decode_batch(payload)
+                reply = await serve_on_loop(self.node, batch_id, ops)
+                if reply is None:
+                    reply = await self.node.transport.to_trio(logs.carry(self.node.handle_batch, self.node.node_id),
+                                                              batch_id, ops)
                 if reply is not None:
                     async with write_lock:
                         await context.write(internal_pb2.Frame(payload=reply))

@@ -119,17 +119,20 @@ class SqliteSettings:
 
 
 class _Request:
-    """One call crossing to a thread: `ops` for a write, `job` for a read."""
+    """One call crossing to a thread: `ops` for a write, `job` for a read. A trio caller waits on
+    `done`; a caller on another thread (the `*_nowait` methods) gets `notify` called instead, on
+    the engine's thread, once the request is finished."""
 
-    __slots__ = ("ops", "job", "result", "error", "done", "applied", "applied_result")
+    __slots__ = ("ops", "job", "result", "error", "done", "applied", "applied_result", "notify")
 
     def __init__(self, ops: Sequence[tuple[_Slot, Updater]] = (), job: Callable | None = None,
-                 early: bool = False):
+                 early: bool = False, notify: Callable[[], None] | None = None):
         self.ops = ops
         self.job = job
         self.result: Any = None
         self.error: BaseException | None = None
-        self.done = trio.Event()
+        self.notify = notify
+        self.done = trio.Event() if notify is None else None
         # update_many_early: set once the updaters ran, before the commit
         self.applied: trio.Event | None = trio.Event() if early else None
         self.applied_result: Any = None
@@ -139,6 +142,7 @@ def _set_all(requests: Sequence[_Request]) -> None:
     for request in requests:
         if request.applied is not None:
             request.applied.set()  # a transaction that failed before its updaters ran
+        assert request.done is not None
         request.done.set()
 
 
@@ -246,6 +250,39 @@ class SqliteEngine:
                 raise self._write_error(request)
 
         return request.applied_result, committed
+
+    # -- any thread: a caller that is not on trio (the transport loop's replica path) -------------
+
+    def update_many_nowait(self, updates: Sequence[tuple[bytes, Updater]],
+                           done: Callable[[list[UpdateResult] | BaseException], None]) -> None:
+        """update_many for a caller on another thread: queues the updates and returns at once.
+        `done` is called on the writer thread once they are committed, with their results, or
+        with the error that failed the whole transaction (then none of them is stored). Raises
+        at once if the engine is closed or has failed."""
+        self._check_open(writing=True)
+
+        def notify() -> None:
+            done(self._write_error(request) if request.error is not None else request.result)
+
+        request = _Request(ops=[((None, bytes(key)), updater) for key, updater in updates], notify=notify)
+        self._writes.put(request)
+
+    def get_many_nowait(self, keys: Sequence[bytes],
+                        done: Callable[[list[bytes | None] | BaseException], None]) -> None:
+        """get_many for a caller on another thread: `done` is called on a reader thread with the
+        records (None where there is none) or the error. Raises at once if the engine is closed."""
+        self._check_open(writing=False)
+        wanted = [bytes(key) for key in keys]
+
+        def job(conn: sqlite3.Connection) -> list[bytes | None]:
+            found = _load_records(conn, None, wanted)
+            return [found.get(key) for key in wanted]
+
+        def notify() -> None:
+            done(request.error if request.error is not None else request.result)
+
+        request = _Request(job=job, notify=notify)
+        self._reads.put(request)
 
     async def scan(self, after: bytes | None, limit: int) -> list[tuple[bytes, bytes]]:
         check_limit(limit)
@@ -357,6 +394,19 @@ class SqliteEngine:
         thread = threading.Thread(target=main, name=f"kvstore-sqlite-{role}", daemon=True)
         thread.start()
         self._threads.append((thread, exited))
+
+    def _finish(self, batch: list[_Request]) -> None:
+        """On an engine thread: tell every caller of the batch it is done, trio callers with one
+        wakeup of trio, callers of the `*_nowait` methods through their own `notify`."""
+        waiting = [request for request in batch if request.notify is None]
+        for request in batch:
+            if request.notify is not None:
+                try:
+                    request.notify()
+                except Exception:  # noqa: BLE001 - a caller's callback must not stop this thread
+                    log.exception("storage completion callback failed")
+        if waiting:
+            self._wake(_set_all, waiting)
 
     def _wake(self, fn: Callable, *args: Any) -> None:
         try:
@@ -475,7 +525,7 @@ class SqliteEngine:
         finally:
             stats.calls += len(batch)
             stats.updates += sum(len(request.ops) for request in batch)
-            self._wake(_set_all, batch)
+            self._finish(batch)
 
     @staticmethod
     def _load_batch(conn: sqlite3.Connection, batch: list[_Request]) -> dict[_Slot, bytes | None]:
@@ -499,7 +549,7 @@ class SqliteEngine:
                 batch, closing = _take_batch(self._reads, MAX_READ_BATCH, lambda r: 1)
                 if batch:
                     _run_reads(conn, batch)
-                    self._wake(_set_all, batch)
+                    self._finish(batch)
         finally:
             conn.close()
 

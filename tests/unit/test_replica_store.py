@@ -101,3 +101,39 @@ async def test_a_dropping_test_node_stores_nothing_from_a_record_op() -> None:
     op = await ship(store("n1"), b"k", b"v", hlc=1)
     assert await replica.merge_many([(b"k", op)]) == [None]
     assert await stored(replica, b"k") is None
+
+
+async def test_records_queued_from_another_thread_are_stored_or_merged_like_merge_many(tmp_path) -> None:
+    """merge_records_nowait (the transport loop's path, kvstore/node/fastpath.py) on sqlite: the
+    same outcomes as merge_many, reported to a callback; an engine that takes work only from
+    trio says so instead of queueing anything."""
+    import threading
+
+    import trio
+
+    from kvstore.storage.base import FsyncPolicy
+    from kvstore.storage.sqlite import SqliteEngine
+
+    engine = await SqliteEngine.open(tmp_path / "kv.db", FsyncPolicy.BATCH)
+    coordinator, elsewhere = store("n1"), store("n3")
+    replica = LocalStore(engine, "n2", Limits(), NullSealer())
+    try:
+        first = await ship(coordinator, b"k", b"v1", hlc=1)
+        concurrent = await ship(elsewhere, b"k", b"v2", hlc=2)  # a write the coordinator never saw
+        broken = RecordOp(b"bad", b"\xc1", b"not the stored digest", 3)
+
+        def queue(ops: list[RecordOp]) -> list:
+            answered, outcome = threading.Event(), []
+            assert replica.merge_records_nowait(ops, lambda got: (outcome.append(got), answered.set()))
+            assert answered.wait(10)
+            return outcome[0]
+
+        assert await trio.to_thread.run_sync(queue, [first]) == [None]
+        assert await stored(replica, b"k") == first.record  # in step: stored as it is
+        results = await trio.to_thread.run_sync(queue, [concurrent, broken])
+        assert results[0] is None and isinstance(results[1], InvalidArgument)
+        assert await values(replica, b"k") == {b"v1", b"v2"}  # not in step: merged, both kept
+        assert await stored(replica, b"bad") is None
+    finally:
+        await engine.aclose()
+    assert not store("n4").merge_records_nowait([first], lambda got: None)  # MemoryEngine: trio only

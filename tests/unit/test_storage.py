@@ -467,3 +467,36 @@ async def test_a_stamp_whose_commit_failed_never_gives_its_dot_to_a_later_write(
         assert kept.new.counter > lost.new.counter
     finally:
         await engine.aclose()
+
+
+async def test_sqlite_nowait_calls_answer_a_thread_that_is_not_trio(tmp_path):
+    """The transport loop's replica path (kvstore/node/fastpath.py) queues work from its own
+    thread and is answered by a callback on the engine's thread, never through trio."""
+    engine = await SqliteEngine.open(tmp_path / "kv.db", FsyncPolicy.BATCH)
+
+    def from_another_thread() -> tuple[list, list, list[str]]:
+        outcomes: list = []
+        threads: list[str] = []
+        for submit, arg in ((engine.update_many_nowait, [(b"a", put(b"1")), (b"b", boom), (b"c", append(b"3"))]),
+                            (engine.get_many_nowait, [b"a", b"b", b"c", b"missing"])):
+            answered = threading.Event()
+
+            def done(outcome) -> None:
+                outcomes.append(outcome)
+                threads.append(threading.current_thread().name)
+                answered.set()
+
+            submit(arg, done)
+            assert answered.wait(10)
+        return outcomes[0], outcomes[1], threads
+
+    writes, reads, threads = await trio.to_thread.run_sync(from_another_thread)
+    assert writes[0] == b"1" and isinstance(writes[1], ValueError) and writes[2] == b"3"
+    assert reads == [b"1", None, b"3", None]  # the failed updater cost only its own key
+    assert threads[0] == "kvstore-sqlite-writer" and threads[1].startswith("kvstore-sqlite-reader")
+    assert await engine.get_many([b"a"]) == [b"1"]  # and trio callers see the same data
+    await engine.aclose()
+    with pytest.raises(trio.ClosedResourceError):
+        engine.update_many_nowait([(b"a", put(b"2"))], lambda outcome: None)
+    with pytest.raises(trio.ClosedResourceError):
+        engine.get_many_nowait([b"a"], lambda outcome: None)
