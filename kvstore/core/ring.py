@@ -18,6 +18,8 @@ if TYPE_CHECKING:  # only for annotations: core modules never draw from the glob
 TOKEN_SPACE = 2**64
 # Part of the digest input: bump it whenever the canonical encoding below changes.
 RING_DIGEST_VERSION = "kvstore-ring-v1"
+#: keys whose replicas a ring remembers (per n; up to 16 MiB with 1 KiB keys): see replicas_of
+MEMO_KEYS = 16384
 
 Token = int
 KeyOrToken = bytes | int
@@ -76,6 +78,7 @@ class Ring:
         self._zoned = any(n.zone for n in table.values())
         self._zone_count = len({n.zone for n in table.values()})
         self._replica_tables: dict[int, list[tuple[str, ...] | None]] = {}
+        self._memo: dict[int, dict[bytes, tuple[str, ...]]] = {}  # n -> key -> replicas_of
 
     # --- the membership table -------------------------------------------------------------
 
@@ -133,7 +136,14 @@ class Ring:
         return list(self._replicas_at(self._start_index(key_or_token), n))
 
     def replicas_of(self, key: bytes, n: int) -> tuple[str, ...]:
-        """`preference_list` of a key as the ring's own tuple, not a copy: the per-key hot path."""
+        """`preference_list` of a key as the ring's own tuple, not a copy: the per-key hot path.
+        The last MEMO_KEYS keys' answers are remembered per n (the ring never changes, so they
+        stay right): a request's key is routed, then coordinated, each asking again."""
+        memo = self._memo.get(n)
+        if memo is not None:
+            found = memo.get(key)
+            if found is not None:
+                return found
         tokens = self._tokens
         if n < 1 or not tokens:
             return tuple(self.preference_list(key, n))  # raises for a bad n; () for an empty ring
@@ -141,7 +151,14 @@ class Ring:
         index = bisect.bisect_left(tokens, token) % len(tokens)
         table = self._replica_tables.get(n)
         replicas = table[index] if table is not None else None
-        return replicas if replicas is not None else self._replicas_at(index, n)
+        if replicas is None:
+            replicas = self._replicas_at(index, n)
+        if memo is None:
+            memo = self._memo[n] = {}
+        elif len(memo) >= MEMO_KEYS:
+            memo.clear()
+        memo[key] = replicas
+        return replicas
 
     def walk(self, key_or_token: KeyOrToken) -> Iterator[str]:
         """Every node once, clockwise from the key's token: the fallbacks for sloppy quorums."""
