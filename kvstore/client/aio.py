@@ -11,6 +11,7 @@ from __future__ import annotations
 import queue
 import random
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -100,8 +101,10 @@ def _versions(resp: kv_pb2.GetResponse) -> Versions:
 
 
 def _never_sent(exc: KvError) -> bool:
-    """True when the request provably never reached a node (no connection), so even a write can
-    be retried elsewhere without risking a duplicate."""
+    """True when the request provably never reached a node (no connection, or a session the node
+    ended before reading it), so even a write can be retried elsewhere without risking a duplicate."""
+    if isinstance(exc, _NotSent):
+        return True
     text = str(exc)
     return "failed to connect" in text or "Connection refused" in text
 
@@ -126,6 +129,7 @@ class _Conn:
             ("grpc.initial_reconnect_backoff_ms", 100),
             ("grpc.max_reconnect_backoff_ms", 1_000),
         ]
+        self.max_message = max_message
         self.channel = channel(address, opts, credentials)
         self.kv = kv_pb2_grpc.KVStub(self.channel)
         self.admin = admin_pb2_grpc.AdminStub(self.channel)
@@ -140,11 +144,13 @@ class _Conn:
             if session is None or session.ended is not None or session.token is not trio.lowlevel.current_trio_token():
                 if session is not None:
                     session.close()
-                session = self.session = _Session(self.kv)
+                session = self.session = _Session(self.kv, self.max_message)
             try:
                 return await session.call(_SESSION_KIND[method], items, timeout_s)
             except _NoSessions:
                 self.sessions_served = False  # nothing was sent: the unary call below carries it
+            except _TooLarge:
+                pass  # the unary call below fails alone (RESOURCE_EXHAUSTED), as it always did
         request = _BATCH_REQUEST[method](items=items)
         return await _wait(getattr(self.kv, method).future(request, timeout=timeout_s))
 
@@ -156,6 +162,17 @@ class _Conn:
 
 class _NoSessions(Exception):
     """The node does not serve KV.Session (an older version): use the unary Batch* methods."""
+
+
+class _TooLarge(Exception):
+    """A batch over the message limit: sent as a unary call, where only it fails."""
+
+
+class _NotSent(Unavailable):
+    """The call provably never reached a node's application: safe to send elsewhere, writes too."""
+
+
+_U32 = (1 << 32) - 1
 
 
 class _Waiter:
@@ -178,32 +195,38 @@ class _Session:
     the stream's error and the next batch opens a new session.
     """
 
-    def __init__(self, stub: kv_pb2_grpc.KVStub) -> None:
+    def __init__(self, stub: kv_pb2_grpc.KVStub, max_message: int) -> None:
         self.token = trio.lowlevel.current_trio_token()
+        self.max_message = max_message
         self.requests: queue.SimpleQueue = queue.SimpleQueue()
-        self.pending: dict[int, _Waiter] = {}
+        self.pending: dict[int, _Waiter] = {}  # sent and not answered yet
         self.next_id = 1
         self.ended: BaseException | None = None
         self.replies = stub.Session(iter(self.requests.get, None))
         threading.Thread(target=self._read, name="kvstore-session", daemon=True).start()
 
     async def call(self, kind: str, items: Sequence[Any], timeout_s: float) -> Any:
+        """The batch's response; raises _TooLarge (nothing sent) for a request over the message
+        limit: on the session it would end the stream, and every batch in flight on it."""
         if self.ended is not None:
             raise self.ended
-        rid, self.next_id = self.next_id, self.next_id + 1
-        waiter = self.pending[rid] = _Waiter()
-        request = kv_pb2.SessionRequest(id=rid, timeout_ms=max(1, round(timeout_s * 1000)))
+        rid = self.next_id
+        request = kv_pb2.SessionRequest(id=rid, timeout_ms=min(max(1, round(timeout_s * 1000)), _U32))
         getattr(request, kind).items.extend(items)  # one copy of the items (a kwarg copied twice)
+        if request.ByteSize() > self.max_message:
+            raise _TooLarge()
+        self.next_id += 1
+        waiter = self.pending[rid] = _Waiter()
         self.requests.put(request)
         try:
             with trio.move_on_after(timeout_s + SESSION_SLACK_S):
                 await waiter.done.wait()
         finally:
             self.pending.pop(rid, None)
-        if waiter.error is not None:
-            raise waiter.error
         resp = waiter.response
         if resp is None:
+            if waiter.error is not None:
+                raise waiter.error
             raise DeadlineExceeded(f"no answer within {timeout_s:.3g}s")
         if resp.error.code:
             raise error_from(resp.error.code, resp.error.message)
@@ -220,7 +243,9 @@ class _Session:
         try:
             for reply in self.replies:
                 self._post(self._answer, reply)
-            error = Unavailable("the node ended the session (it is stopping)")
+            # A node ends a session (status OK) only after answering every batch it read: those
+            # still waiting were never read, so even writes may go to another node.
+            error = _NotSent("the node ended the session before reading this batch (it is stopping)")
         except grpc.RpcError as exc:
             code = exc.code()
             error = _NoSessions() if code == grpc.StatusCode.UNIMPLEMENTED else \
@@ -237,16 +262,24 @@ class _Session:
             pass
 
     def _answer(self, reply: kv_pb2.SessionResponse) -> None:
-        waiter = self.pending.get(reply.id)
+        waiter = self.pending.pop(reply.id, None)
         if waiter is not None:  # else its caller gave up (cancelled or timed out)
             waiter.response = reply
             waiter.done.set()
 
     def _end(self, error: BaseException) -> None:
+        """The stream is over: the batches not answered on it fail with its error."""
         self.ended = error
         for waiter in self.pending.values():
             waiter.error = error
             waiter.done.set()
+        self.pending.clear()
+
+
+def _close_conns(conns: dict[str, _Conn]) -> None:
+    for conn in conns.values():
+        conn.close()
+    conns.clear()
 
 
 async def _wait(future: grpc.Future) -> Any:
@@ -317,6 +350,9 @@ class Client:
         self._rng = random.Random()
         self._options_memo: dict[tuple[int, bool], kv_pb2.Options] = {}
         self._credentials = client_credentials(tls, token)
+        # a Client dropped without close() still ends its sessions (each holds two threads and a
+        # stream on its node) once it is garbage
+        self._finalizer = weakref.finalize(self, _close_conns, self._conns)
 
     async def __aenter__(self) -> "Client":
         return self
@@ -325,9 +361,7 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        for conn in self._conns.values():
-            conn.close()
-        self._conns.clear()
+        _close_conns(self._conns)
 
     def _conn(self, address: str) -> _Conn:
         conn = self._conns.get(address)

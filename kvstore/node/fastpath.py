@@ -54,7 +54,7 @@ async def serve_on_loop(node: Any, batch_id: int, ops: Sequence[ReplicaOp | Inva
             # trio's clock observes the newest timestamp before it handles anything that arrives
             # after this batch's acknowledgement (run_sync_soon is FIFO)
             if store.observe_hlc is not None:
-                node.transport.to_trio_nowait(store.observe_hlc, max(op.hlc for op in writes))
+                node.transport.to_trio_nowait(_observe, store.observe_hlc, max(op.hlc for op in writes))
         elif _eligible_reads(ops):
             reading = True
             if not store.read_raw_nowait([op.key for op in ops], done):  # type: ignore[union-attr]
@@ -72,6 +72,14 @@ async def serve_on_loop(node: Any, batch_id: int, ops: Sequence[ReplicaOp | Inva
         return wire.encode_reply(batch_id, [(0, raw) for raw in outcome])
     return wire.encode_reply(batch_id, [(0, None) if r is None else (number_of(code_of(r)), message_of(r))
                                         for r in outcome])
+
+
+def _observe(observe: Any, hlc: int) -> None:
+    """On trio, as a bare callback: an error here must not end the trio run."""
+    try:
+        observe(hlc)
+    except Exception:  # noqa: BLE001 - a clock that did not move: logged, the node goes on
+        log.exception("observing a replica batch's timestamp failed")
 
 
 def _resolve(future: asyncio.Future, outcome: Any) -> None:

@@ -10,7 +10,7 @@ from typing import Any, Awaitable, Callable, Sequence
 import grpc
 
 from kvstore._proto import admin_pb2, admin_pb2_grpc, internal_pb2, internal_pb2_grpc, kv_pb2, kv_pb2_grpc
-from kvstore.errors import DeadlineExceeded, InvalidArgument, KvError
+from kvstore.errors import DeadlineExceeded, InvalidArgument, KvError, ResourceExhausted
 from kvstore.core import wire
 from kvstore.node import logs
 from kvstore.node.fastpath import serve_on_loop
@@ -125,8 +125,16 @@ class KVServicer(_Base, kv_pb2_grpc.KVServicer):
         room = asyncio.Semaphore(self.node.config.max_session_batches_in_flight)
         peer = context.peer() or "?"
 
+        limit = self.node.config.limits.max_message_bytes
+
         async def handle(request: kv_pb2.SessionRequest) -> None:
             reply = await self._session_batch(request, context, peer, rid)
+            size = reply.ByteSize()
+            if size > limit:  # sent, it would end the session and every batch in flight on it
+                too_big = ResourceExhausted(f"reply: {size} bytes exceeds the message limit of {limit} bytes "
+                                            "(max_message_bytes): ask for fewer keys per batch")
+                reply = kv_pb2.SessionResponse(id=request.id, error=kv_pb2.ItemStatus(
+                    code=number_of(code_of(too_big)), message=message_of(too_big)))
             try:
                 async with write_lock:
                     await context.write(reply)
@@ -150,7 +158,8 @@ class KVServicer(_Base, kv_pb2_grpc.KVServicer):
                 except asyncio.CancelledError:
                     room.release()
                     if sessions.ended:
-                        break  # Sessions.end() stopped this read: answer what is in flight, end
+                        me.uncancel()  # it was Sessions.end(), not grpc: this handler goes on
+                        break  # answer what is in flight, then end
                     raise
                 finally:
                     sessions.reading.discard(me)

@@ -185,6 +185,9 @@ class SqliteEngine:
         self._stop_maintenance = threading.Event()
         self._threads: list[tuple[threading.Thread, trio.Event]] = []
         self._closing = False
+        # held by *_nowait callers (other threads) from their open check to their queue put, and
+        # by aclose while it sets _closing: trio callers need no lock (they run on trio, as aclose)
+        self._queueing = threading.Lock()
         self._closed = trio.Event()
         #: Set by a thread that failed outside a request (fsync, checkpoint); writes then refuse.
         self._failure: Exception | None = None
@@ -259,19 +262,18 @@ class SqliteEngine:
         `done` is called on the writer thread once they are committed, with their results, or
         with the error that failed the whole transaction (then none of them is stored). Raises
         at once if the engine is closed or has failed."""
-        self._check_open(writing=True)
-
         def notify() -> None:
             done(self._write_error(request) if request.error is not None else request.result)
 
         request = _Request(ops=[((None, bytes(key)), updater) for key, updater in updates], notify=notify)
-        self._writes.put(request)
+        with self._queueing:  # never behind the close sentinel, where nothing would answer it
+            self._check_open(writing=True)
+            self._writes.put(request)
 
     def get_many_nowait(self, keys: Sequence[bytes],
                         done: Callable[[list[bytes | None] | BaseException], None]) -> None:
         """get_many for a caller on another thread: `done` is called on a reader thread with the
         records (None where there is none) or the error. Raises at once if the engine is closed."""
-        self._check_open(writing=False)
         wanted = [bytes(key) for key in keys]
 
         def job(conn: sqlite3.Connection) -> list[bytes | None]:
@@ -282,7 +284,9 @@ class SqliteEngine:
             done(request.error if request.error is not None else request.result)
 
         request = _Request(job=job, notify=notify)
-        self._reads.put(request)
+        with self._queueing:
+            self._check_open(writing=False)
+            self._reads.put(request)
 
     async def scan(self, after: bytes | None, limit: int) -> list[tuple[bytes, bytes]]:
         check_limit(limit)
@@ -326,7 +330,8 @@ class SqliteEngine:
         if self._closing:
             await self._closed.wait()
             return
-        self._closing = True
+        with self._queueing:  # a *_nowait caller on another thread has queued, or sees _closing
+            self._closing = True
         # Shielded: an interrupted close would leak threads; every step below is short and bounded.
         with trio.CancelScope(shield=True):
             self._stop_maintenance.set()

@@ -149,3 +149,22 @@ async def test_a_node_without_sessions_gets_unary_batches() -> None:
             assert old.data == {b"k": b"v", b"a": b"1", b"b": b"2"}
     finally:
         server.stop(0)
+
+
+async def test_a_reply_over_the_message_limit_fails_alone_and_the_session_goes_on(nodes, monkeypatch) -> None:
+    """Sent, a reply over the limit would end the stream, and every batch in flight on it."""
+    from kvstore.core.limits import Limits
+
+    node = await nodes.start()
+    async with nodes.client(node) as kv:
+        await kv.put(b"big", b"x" * 20_000)
+    # a lower limit, seen only by the session's check (the server's channel options are set)
+    monkeypatch.setattr(Limits, "max_message_bytes", property(lambda self: 10_000))
+    big_get = kv_pb2.SessionRequest(id=1, timeout_ms=5000, get=kv_pb2.BatchGetRequest(
+        items=[kv_pb2.GetRequest(key=b"big")]))
+    frames = [big_get.SerializeToString(), _put(2, (b"small", b"v")).SerializeToString()]
+    replies, code, _ = await trio.to_thread.run_sync(_session, node.address, frames)
+    assert code == grpc.StatusCode.OK
+    assert replies[1].error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+    assert "exceeds the message limit of 10000 bytes (max_message_bytes)" in replies[1].error.message
+    assert replies[2].error.code == 0 and [s.code for s in replies[2].put.statuses] == [0]
