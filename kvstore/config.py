@@ -25,6 +25,7 @@ class NodeConfig:
     storage: str = "sqlite"              # "sqlite" (durable) or "memory" (tests, scratch)
     fsync: str = "always"                # always | batch | never: see kvstore/storage/base.py
     fsync_interval_s: float = 0.05       # with fsync=batch: the power-failure loss window
+    storage_cache_bytes: int = 32 << 20  # sqlite: the writer's copy of recent records (0 = off); RSS per node
     replication_factor: int = 3          # N: Dynamo/Riak/Cassandra default, survives one loss at QUORUM
     tokens_per_node: int = 64            # vnodes; balanced allocation keeps 64 within a few % of even
     request_timeout_s: float = 5.0       # default deadline of a client request without one
@@ -98,6 +99,8 @@ class NodeConfig:
         need(self.storage in ("sqlite", "memory"), f"storage: {self.storage!r} is not sqlite or memory")
         need(self.fsync in ("always", "batch", "never"), f"fsync: {self.fsync!r} is not always, batch or never")
         need(self.fsync_interval_s > 0, "fsync_interval_s: must be > 0")
+        need(isinstance(self.storage_cache_bytes, int) and self.storage_cache_bytes >= 0,
+             f"storage_cache_bytes: {self.storage_cache_bytes!r} must be an integer >= 0")
         need(1 <= self.replication_factor <= 16, "replication_factor: must be in 1..16")
         need(1 <= self.tokens_per_node <= 1024, "tokens_per_node: must be in 1..1024")
         need(self.request_timeout_s > 0, "request_timeout_s: must be > 0")

@@ -101,7 +101,8 @@ async def open_engine(config: NodeConfig) -> Engine:
     from kvstore.storage.sqlite import SqliteEngine
 
     return await SqliteEngine.open(
-        config.data_dir / "kv.db", fsync=FsyncPolicy(config.fsync), fsync_interval_s=config.fsync_interval_s
+        config.data_dir / "kv.db", fsync=FsyncPolicy(config.fsync), fsync_interval_s=config.fsync_interval_s,
+        record_cache_bytes=config.storage_cache_bytes,
     )
 
 

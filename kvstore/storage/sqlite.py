@@ -66,6 +66,8 @@ MAX_READ_BATCH = 256
 JOURNAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
 #: WAL size past which the maintenance thread runs a RESTART checkpoint (see the module docstring).
 WAL_RESTART_BYTES = 2 * JOURNAL_SIZE_LIMIT_BYTES
+#: Bytes of records (keys included) the writer keeps in memory: see _RecordCache.
+RECORD_CACHE_BYTES = 32 * 1024 * 1024
 
 _SYNCHRONOUS = {FsyncPolicy.ALWAYS: "FULL", FsyncPolicy.BATCH: "NORMAL", FsyncPolicy.NEVER: "OFF"}
 _DATA_TABLE = "CREATE TABLE {name} (key BLOB PRIMARY KEY, record BLOB NOT NULL)"
@@ -102,6 +104,8 @@ class SqliteSettings:
     reader_threads: int = 2
     #: WAL size that triggers a RESTART checkpoint, bounding the WAL file under steady writes.
     wal_restart_bytes: int = WAL_RESTART_BYTES
+    #: The writer's copy of recently touched records (see _RecordCache); 0 turns it off.
+    record_cache_bytes: int = RECORD_CACHE_BYTES
 
     def validate(self) -> None:
         if not isinstance(self.fsync, FsyncPolicy):
@@ -114,6 +118,8 @@ class SqliteSettings:
             )
         if self.reader_threads < 1:
             raise ValueError(f"reader_threads must be >= 1, got {self.reader_threads}")
+        if self.record_cache_bytes < 0:
+            raise ValueError(f"record_cache_bytes must be >= 0, got {self.record_cache_bytes}")
         if self.wal_restart_bytes < 1:
             raise ValueError(f"wal_restart_bytes must be >= 1, got {self.wal_restart_bytes}")
 
@@ -171,6 +177,44 @@ def _chunks(items: list, size: int = QUERY_CHUNK):
         yield items[start : start + size]
 
 
+_UNKNOWN = object()  # _RecordCache.get: not held (None means held as absent)
+
+
+class _RecordCache:
+    """The writer thread's copy of the data records it last read or committed (None for a key
+    known to be absent), so a write's read of the old record (every replica write and every
+    coordinator stamp) is a dict lookup rather than a query. Touched by the writer thread only,
+    and only with committed state: records read inside its write transaction (no other writer
+    can run) and records after their COMMIT; a failed transaction empties it. Bounded by bytes of
+    keys and records; when full it starts over (a uniform key space larger than the budget then
+    hits at the budget's share, and costs a dict miss per key)."""
+
+    ENTRY_OVERHEAD = 100  # bytes a dict entry and its objects cost beyond the key and record
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget = budget_bytes
+        self.records: dict[bytes, bytes | None] = {}
+        self.size = 0
+
+    def get(self, key: bytes) -> bytes | None | object:
+        return self.records.get(key, _UNKNOWN)
+
+    def put(self, key: bytes, record: bytes | None) -> None:
+        if not self.budget:
+            return
+        old = self.records.get(key, _UNKNOWN)
+        if old is not _UNKNOWN:
+            self.size -= len(key) + len(old or b"") + self.ENTRY_OVERHEAD  # type: ignore[arg-type]
+        self.size += len(key) + len(record or b"") + self.ENTRY_OVERHEAD
+        self.records[key] = record
+        if self.size > self.budget:
+            self.clear()
+
+    def clear(self) -> None:
+        self.records.clear()
+        self.size = 0
+
+
 class SqliteEngine:
     """The Engine protocol on sqlite3. Create it with `await SqliteEngine.open(path)` inside the
     trio run that will use it; `stats` counts calls, transactions, checkpoints and WAL fsyncs."""
@@ -181,6 +225,7 @@ class SqliteEngine:
         self.stats = EngineStats()
         self._token = token
         self._writes: queue.SimpleQueue = queue.SimpleQueue()
+        self._cache = _RecordCache(settings.record_cache_bytes)  # the writer thread's only
         self._reads: queue.SimpleQueue = queue.SimpleQueue()
         self._stop_maintenance = threading.Event()
         self._threads: list[tuple[threading.Thread, trio.Event]] = []
@@ -200,9 +245,11 @@ class SqliteEngine:
         fsync_interval_s: float = 0.05,
         checkpoint_interval_s: float = 1.0,
         wal_restart_bytes: int = WAL_RESTART_BYTES,
+        record_cache_bytes: int = RECORD_CACHE_BYTES,
     ) -> SqliteEngine:
         settings = SqliteSettings(
-            fsync, fsync_interval_s, checkpoint_interval_s, wal_restart_bytes=wal_restart_bytes
+            fsync, fsync_interval_s, checkpoint_interval_s, wal_restart_bytes=wal_restart_bytes,
+            record_cache_bytes=record_cache_bytes,
         )
         settings.validate()
         engine = cls(Path(path), settings, trio.lowlevel.current_trio_token())
@@ -515,10 +562,15 @@ class SqliteEngine:
                     # its caller goes on (ships the results) while the rest applies and commits
                     request.applied_result = request.result
                     self._wake(request.applied.set)
-            _store(conn, {slot: rec for slot, rec in staged.items() if rec != committed[slot]})
+            changed = {slot: rec for slot, rec in staged.items() if rec != committed[slot]}
+            _store(conn, changed)
             conn.execute("COMMIT")
             stats.transactions += 1
+            for (target, key), record in changed.items():
+                if target is None:
+                    self._cache.put(key, record)
         except Exception as exc:  # noqa: BLE001 - e.g. disk full: every caller in the batch is told
+            self._cache.clear()  # what was committed is uncertain now: read it again
             stats.failed_transactions += 1
             for request in batch:
                 request.result, request.error = None, exc
@@ -532,15 +584,29 @@ class SqliteEngine:
             stats.updates += sum(len(request.ops) for request in batch)
             self._finish(batch)
 
-    @staticmethod
-    def _load_batch(conn: sqlite3.Connection, batch: list[_Request]) -> dict[_Slot, bytes | None]:
-        """Committed records of every slot the batch touches (None when absent), in few queries."""
+    def _load_batch(self, conn: sqlite3.Connection, batch: list[_Request]) -> dict[_Slot, bytes | None]:
+        """Committed records of every slot the batch touches (None when absent), in few queries;
+        data records the cache holds need none."""
         keys_by_table: dict[str | None, set[bytes]] = {}
         for request in batch:
             for (target, key), _ in request.ops:
                 keys_by_table.setdefault(target, set()).add(key)
         committed: dict[_Slot, bytes | None] = {}
+        cache = self._cache
         for target, keys in keys_by_table.items():
+            if target is None:
+                missing = []
+                for key in keys:
+                    held = cache.get(key)
+                    if held is _UNKNOWN:
+                        missing.append(key)
+                    else:
+                        committed[(None, key)] = held  # type: ignore[assignment]
+                found = _load_records(conn, None, missing) if missing else {}
+                for key in missing:
+                    record = committed[(None, key)] = found.get(key)
+                    cache.put(key, record)  # committed, and no other writer runs: it stays right
+                continue
             found = _load_records(conn, target, list(keys))
             committed.update(((target, key), found.get(key)) for key in keys)
         return committed

@@ -152,10 +152,12 @@ async def test_closed_engine_refuses_calls_and_close_is_idempotent(engine: Engin
         await engine.get_many([b"k"])
 
 
-async def test_sqlite_agrees_with_memory_on_a_random_workload(tmp_path):
+@pytest.mark.parametrize("cache_bytes", [0, 600, 32 << 20], ids=["no-cache", "cache-refilled", "cache"])
+async def test_sqlite_agrees_with_memory_on_a_random_workload(tmp_path, cache_bytes):
+    """With the writer's record cache off, so small it starts over every few writes, and large."""
     rng = random.Random(7)
     memory = MemoryEngine()
-    durable = await SqliteEngine.open(tmp_path / "kv.db", FsyncPolicy.NEVER)
+    durable = await SqliteEngine.open(tmp_path / "kv.db", FsyncPolicy.NEVER, record_cache_bytes=cache_bytes)
     try:
         for _ in range(60):
             updates = []
@@ -175,6 +177,29 @@ async def test_sqlite_agrees_with_memory_on_a_random_workload(tmp_path):
 
 
 # -- sqlite only -----------------------------------------------------------------------------------
+
+
+async def test_sqlite_a_failed_commit_leaves_later_writes_building_on_what_was_committed(tmp_path, monkeypatch):
+    """A write's updater sees the committed record, never one staged by a transaction that then
+    failed, whether the old record comes from the database or the writer's record cache."""
+    import kvstore.storage.sqlite as engine_module
+
+    engine = await SqliteEngine.open(tmp_path / "kv.db", FsyncPolicy.NEVER)
+    try:
+        assert await engine.update_many([(b"k", put(b"v1"))]) == [b"v1"]
+        real_store = engine_module._store
+
+        def failing_store(conn, changed):
+            raise sqlite3.OperationalError("disk I/O error")
+
+        monkeypatch.setattr(engine_module, "_store", failing_store)
+        with pytest.raises(Exception, match="disk I/O error"):
+            await engine.update_many([(b"k", put(b"v2")), (b"other", put(b"x"))])
+        monkeypatch.setattr(engine_module, "_store", real_store)
+        assert await engine.update_many([(b"k", append(b"+")), (b"other", append(b"+"))]) == [b"v1+", b"+"]
+        assert await engine.get_many([b"k", b"other"]) == [b"v1+", b"+"]
+    finally:
+        await engine.aclose()
 
 
 async def test_sqlite_reopen_keeps_data_under_every_fsync_policy(tmp_path):
