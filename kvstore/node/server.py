@@ -47,8 +47,6 @@ class _Base:
 _OPS = {None: "get", False: "put", True: "delete"}  # is_delete -> op label of kvstore_items_total
 # a session request's batch kind -> is_delete, its response type, the unary method whose role it needs
 _SESSION_KINDS: dict[str, bool | None] = {"put": False, "get": None, "delete": True}
-_SESSION_RESPONSES = {"put": kv_pb2.BatchPutResponse, "get": kv_pb2.BatchGetResponse,
-                      "delete": kv_pb2.BatchDeleteResponse}
 _SESSION_METHODS = {"put": "/kvstore.v1.KV/BatchPut", "get": "/kvstore.v1.KV/BatchGet",
                     "delete": "/kvstore.v1.KV/BatchDelete"}
 
@@ -210,7 +208,8 @@ class KVServicer(_Base, kv_pb2_grpc.KVServicer):
                     raise DeadlineExceeded(f"deadline: no answer within {budget:.3g}s") from None
             finally:
                 node.admission.release(ticket)
-            return kv_pb2.SessionResponse(id=request.id, **{kind: result})
+            result.id = request.id
+            return result
         except Exception as exc:  # noqa: BLE001 - a KvError as its status; a bug as INTERNAL
             if not isinstance(exc, KvError):
                 log.exception("unexpected error in a session batch")
@@ -228,7 +227,11 @@ class KVServicer(_Base, kv_pb2_grpc.KVServicer):
         else:
             results, statuses = await node.api.write_batch(items, is_delete, False, budget)
         node.metrics.count_items(_OPS[is_delete], statuses)
-        return _SESSION_RESPONSES[kind](results=results, statuses=statuses)
+        reply = kv_pb2.SessionResponse()  # filled in place: a Batch*Response kwarg would be copied
+        batch_reply = getattr(reply, kind)
+        batch_reply.results.extend(results)
+        batch_reply.statuses.extend(statuses)
+        return reply
 
     def _session_recorder(self, kind: str) -> Callable[[grpc.StatusCode, float], None]:
         found = self._recorders.get(kind)
