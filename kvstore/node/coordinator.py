@@ -34,6 +34,7 @@ class ClusterView(Protocol):
     background: trio.Nursery
     rng: random.Random
     elastic: Any
+    loop_timestamps: Any  # kvstore.node.fastpath.LoopTimestamps
 
     def ring(self) -> Ring: ...
     def is_up(self, node_id: str) -> bool: ...
@@ -122,6 +123,7 @@ class Coordinator:
         commit is one acknowledgement among the others): measured, +3.5-4.5 % puts/s."""
         view = self.view
         now_ms = view.now_ms()
+        view.loop_timestamps.fold_into(view.clock, now_ms)  # replica writes the loop stored
         stamps = [
             Stamp(
                 r.key,

@@ -41,6 +41,7 @@ from kvstore.node.limits import Admission
 from kvstore.node.local import LocalStore
 from kvstore.node.metrics import Metrics, MetricsServer, metrics_address
 from kvstore.node.peers import Peer, channel_options
+from kvstore.node.fastpath import LoopTimestamps
 from kvstore.node.server import Sessions, make_server
 from kvstore.node.status import code_of, message_of, number_of
 from kvstore.storage.base import Engine, FsyncPolicy
@@ -135,6 +136,7 @@ class Node:
         self.store.observe_hlc = lambda hlc: self.clock.observe(hlc, self.now_ms())
         self.key_count = 0
         self.clock = HybridClock()
+        self.loop_timestamps = LoopTimestamps()  # replica writes served on the transport loop
         self.coordinator = Coordinator(self)
         self.elastic = Elastic(self)
         self.repairer = Repair(self)
