@@ -51,6 +51,33 @@ _SESSION_METHODS = {"put": "/kvstore.v1.KV/BatchPut", "get": "/kvstore.v1.KV/Bat
                     "delete": "/kvstore.v1.KV/BatchDelete"}
 
 
+class _Handlers:
+    """The tasks a stream's handler started, one per message: awaited before the stream ends,
+    cancelled if it ends early. `finished` runs as each one ends: a done callback, not a finally,
+    so it also runs for a task cancelled before it started (it hands back the message's slots)."""
+
+    def __init__(self, finished: Callable[[], Any]) -> None:
+        self.tasks: set[asyncio.Task] = set()
+        self.finished = finished
+
+    def start(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task) -> None:
+        self.tasks.discard(task)
+        self.finished()
+
+    async def drain(self) -> None:
+        if self.tasks:
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    def cancel(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+
+
 class KVServicer(_Base, kv_pb2_grpc.KVServicer):
     def __init__(self, node: Any) -> None:
         super().__init__(node)
@@ -119,8 +146,8 @@ class KVServicer(_Base, kv_pb2_grpc.KVServicer):
         me = asyncio.current_task()
         assert me is not None
         write_lock = asyncio.Lock()
-        tasks: set[asyncio.Task] = set()
         room = asyncio.Semaphore(self.node.config.max_session_batches_in_flight)
+        tasks = _Handlers(room.release)
         peer = context.peer() or "?"
 
         limit = self.node.config.limits.max_message_bytes
@@ -138,10 +165,6 @@ class KVServicer(_Base, kv_pb2_grpc.KVServicer):
                     await context.write(reply)
             except Exception as exc:  # noqa: BLE001 - the stream ended under the write: client gone
                 log.debug("session reply %d not sent: %s", request.id, exc)
-
-        def finished(task: asyncio.Task) -> None:
-            tasks.discard(task)
-            room.release()
 
         bad: KvError | None = None
         try:
@@ -168,14 +191,10 @@ class KVServicer(_Base, kv_pb2_grpc.KVServicer):
                     room.release()
                     bad = request.error()
                     break
-                task = asyncio.create_task(handle(request))
-                tasks.add(task)
-                task.add_done_callback(finished)
-            if tasks:
-                await asyncio.gather(*tasks, return_exceptions=True)
+                tasks.start(handle(request))
+            await tasks.drain()
         finally:
-            for task in tasks:
-                task.cancel()
+            tasks.cancel()
         if bad is not None:
             await context.abort(code_of(bad), f"session: {message_of(bad)}")
 
@@ -266,7 +285,6 @@ class InternalServicer(_Base, internal_pb2_grpc.InternalServicer):
         kvstore/node/limits.py). An undecodable frame cannot be answered by id: it is dropped and
         the stream ends with INVALID_ARGUMENT naming the first one."""
         write_lock = asyncio.Lock()
-        tasks: set[asyncio.Task] = set()
         mine = asyncio.Semaphore(self.node.config.max_stream_batches_in_flight)
         node_slots = self.node.admission.replica_slots
         bad: list[KvError] = []
@@ -287,12 +305,11 @@ class InternalServicer(_Base, internal_pb2_grpc.InternalServicer):
             except Exception:  # a bug, or the stream ended under the write: this batch only
                 log.exception("replica batch failed")
 
-        def finished(task: asyncio.Task) -> None:
-            # a done callback, not a finally: it also runs for a task cancelled before it started
-            tasks.discard(task)
+        def finished() -> None:
             node_slots.release()
             mine.release()
 
+        tasks = _Handlers(finished)
         try:
             while True:
                 await mine.acquire()
@@ -310,14 +327,10 @@ class InternalServicer(_Base, internal_pb2_grpc.InternalServicer):
                         break
                     bad.append(frame.error())
                     continue
-                task = asyncio.create_task(handle(frame.payload))
-                tasks.add(task)
-                task.add_done_callback(finished)
-            if tasks:
-                await asyncio.gather(*tasks, return_exceptions=True)
+                tasks.start(handle(frame.payload))
+            await tasks.drain()
         finally:
-            for task in tasks:
-                task.cancel()
+            tasks.cancel()
         if bad:
             more = f" ({len(bad) - 1} more bad frames)" if len(bad) > 1 else ""
             await context.abort(code_of(bad[0]), f"stream: {message_of(bad[0])}{more}")
