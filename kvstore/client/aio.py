@@ -1,8 +1,11 @@
 """The trio client: `kvstore.Client`.
 
-Calls go through grpcio's future API: each call registers a done-callback that wakes the waiting
-trio task with `run_sync_soon`, so no thread is spent per call and trio cancellation cancels the
-RPC. Requests are routed to a live replica of the key (token-aware); idempotent calls (reads) are
+Key operations are coalesced into batches (kvstore/client/coalesce.py) that travel on one
+KV.Session stream per node (`_Session`: a request queue feeding grpcio, a reader thread handing
+replies to trio), or as unary Batch* calls to a node without sessions. Other calls go through
+grpcio's future API: each registers a done-callback that wakes the waiting trio task with
+`run_sync_soon`, so no thread is spent per call and trio cancellation cancels the RPC. Requests
+are routed to a live replica of the key (token-aware); idempotent calls (reads) are
 retried on UNAVAILABLE with exponential backoff and jitter, and every call, writes included, is
 retried the same way when a node refused it as overloaded (refused at admission: nothing was done).
 """

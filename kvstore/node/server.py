@@ -10,11 +10,11 @@ from typing import Any, Awaitable, Callable, Sequence
 import grpc
 
 from kvstore._proto import admin_pb2, admin_pb2_grpc, internal_pb2, internal_pb2_grpc, kv_pb2, kv_pb2_grpc
-from kvstore.errors import DeadlineExceeded, InvalidArgument, KvError, ResourceExhausted
 from kvstore.core import wire
+from kvstore.errors import DeadlineExceeded, InvalidArgument, KvError, ResourceExhausted
 from kvstore.node import logs
-from kvstore.node.fastpath import serve_on_loop
 from kvstore.node.api import FORWARDED_HEADER, raise_item
+from kvstore.node.fastpath import serve_on_loop
 from kvstore.node.interceptor import ObservingInterceptor
 from kvstore.node.guard import KV_BACKSTOP_SLACK_S, Gate, Malformed, add_guarded
 from kvstore.node.status import code_of, message_of, number_of
@@ -45,7 +45,7 @@ class _Base:
 
 
 _OPS = {None: "get", False: "put", True: "delete"}  # is_delete -> op label of kvstore_items_total
-# a session request's batch kind -> is_delete, its response type, the unary method whose role it needs
+# a session request's batch kind -> is_delete, and the unary method whose role it needs
 _SESSION_KINDS: dict[str, bool | None] = {"put": False, "get": None, "delete": True}
 _SESSION_METHODS = {"put": "/kvstore.v1.KV/BatchPut", "get": "/kvstore.v1.KV/BatchGet",
                     "delete": "/kvstore.v1.KV/BatchDelete"}
