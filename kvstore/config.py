@@ -73,6 +73,7 @@ class NodeConfig:
     max_replica_batches_in_flight: int = 256  # replica batches handled at once; more wait (backpressure)
     max_stream_batches_in_flight: int = 8  # per replica stream; a peer sends at most 2 (peers.MAX_IN_FLIGHT)
     max_session_batches_in_flight: int = 16  # per client session stream; more are not read (backpressure)
+    coordinate_on_loop: bool = True      # the common session batch skips trio (kvstore/node/express.py)
     admin_command_timeout_s: float = 3600.0  # default deadline of an admin command sent without one
     test_hooks: bool = False             # enables fault-injection admin calls; never in production
     test_drop_writes: bool = False       # a deliberately broken node: acks writes it never stores

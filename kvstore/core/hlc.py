@@ -32,6 +32,9 @@ class HybridClock:
         self.ignored = 0  # received timestamps beyond MAX_DRIFT_MS, not followed
 
     def now(self, wall_ms: int) -> int:
+        return self._advance(wall_ms)
+
+    def _advance(self, wall_ms: int) -> int:
         phys, logical = physical_ms(self.last), self.last & LOGICAL_MASK
         if wall_ms > phys:
             self.last = pack(wall_ms, 0)
@@ -41,10 +44,14 @@ class HybridClock:
             self.last = pack(phys + 1, 0)
         return self.last
 
+    def now_many(self, wall_ms: int, count: int) -> list[int]:
+        """`count` successive timestamps, as from `now` called that many times."""
+        return [self._advance(wall_ms) for _ in range(count)]
+
     def observe(self, remote: int, wall_ms: int) -> int:
         """Take a received timestamp into account: every later local event orders after it."""
         if physical_ms(remote) > wall_ms + MAX_DRIFT_MS:
             self.ignored += 1
         elif remote > self.last:
             self.last = remote
-        return self.now(wall_ms)
+        return self._advance(wall_ms)

@@ -2,7 +2,9 @@
 
 Validates each item (errors name the field and the limit), forwards items whose key this node
 does not replicate to a live replica, hands the rest to the coordinator, and turns results into
-per-item statuses. Runs on trio; kvstore/node/server.py only moves calls across the bridge.
+per-item statuses. Runs on trio; kvstore/node/server.py only moves calls across the bridge. The
+validation helpers (write_req, read_req, get_response) also serve the loop's path
+(kvstore/node/express.py): they read the node's state but change none of it.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ FORWARDED_HEADER = "kv-forwarded"
 OK = kv_pb2.ItemStatus(code=0)
 
 
-def _status(exc: BaseException) -> kv_pb2.ItemStatus:
+def item_status(exc: BaseException) -> kv_pb2.ItemStatus:
     return kv_pb2.ItemStatus(code=number_of(code_of(exc)), message=message_of(exc))
 
 
@@ -65,7 +67,7 @@ class Api:
 
     # ---- writes (put and delete share one path) -------------------------------------
 
-    def _write_req(self, item: Any, is_delete: bool) -> WriteReq:
+    def write_req(self, item: Any, is_delete: bool) -> WriteReq:
         limits = self.node.config.limits
         limits.check_key(item.key)
         opts = item.options
@@ -94,13 +96,13 @@ class Api:
         results: list[Any] = [response_cls() for _ in items]
         statuses: list[kv_pb2.ItemStatus] = [OK] * len(items)
         deadline = self.deadline(timeout_s, items[0].options if items else None)
-        local, remote = self._partition(items, lambda item: self._write_req(item, is_delete), forwarded, statuses)
+        local, remote = self._partition(items, lambda item: self.write_req(item, is_delete), forwarded, statuses)
 
         async def here() -> None:
             outcomes = await self.node.coordinator.write_many([r for _, r in local], deadline)
             for (i, _), out in zip(local, outcomes):
                 if isinstance(out, KvError):
-                    statuses[i] = _status(out)
+                    statuses[i] = item_status(out)
                 else:
                     results[i] = response_cls(context=encode_context(out))
 
@@ -119,7 +121,7 @@ class Api:
         results = [kv_pb2.GetResponse() for _ in items]
         statuses: list[kv_pb2.ItemStatus] = [OK] * len(items)
         deadline = self.deadline(timeout_s, items[0].options if items else None)
-        local, remote = self._partition(items, self._read_req, forwarded, statuses)
+        local, remote = self._partition(items, self.read_req, forwarded, statuses)
 
         async def here() -> None:
             outcomes = await self.node.coordinator.read_many([r for _, r in local], deadline)
@@ -128,9 +130,9 @@ class Api:
                 try:
                     if isinstance(out, KvError):
                         raise out
-                    results[i] = self._get_response(req.key, out, now_ms)
+                    results[i] = self.get_response(req.key, out, now_ms)
                 except KvError as exc:
-                    statuses[i] = _status(exc)
+                    statuses[i] = item_status(exc)
 
         await self._alongside(here if local else None, [
             partial(self._forward, t, idx, items, None, deadline, results, statuses) for t, idx in remote.items()
@@ -152,7 +154,7 @@ class Api:
             if here is not None:
                 await here()
 
-    def _get_response(self, key: bytes, result: ReadResult, now_ms: int) -> kv_pb2.GetResponse:
+    def get_response(self, key: bytes, result: ReadResult, now_ms: int) -> kv_pb2.GetResponse:
         live = [s for s in result.siblings if s.live(now_ms)]
         store = self.node.store
         return kv_pb2.GetResponse(
@@ -161,7 +163,7 @@ class Api:
             context=encode_context(result.context),
         )
 
-    def _read_req(self, item: kv_pb2.GetRequest) -> ReadReq:
+    def read_req(self, item: kv_pb2.GetRequest) -> ReadReq:
         self.node.config.limits.check_key(item.key)
         n = quorum.resolve_n(item.options.n, self.node.config.replication_factor)
         return ReadReq(item.key, n, _level("r", item.r, n, len(self.node.ring())), item.options.strict)
@@ -181,7 +183,7 @@ class Api:
                 req = build(item)
                 target = self._route(ring, req, forwarded)
             except KvError as exc:
-                statuses[i] = _status(exc)
+                statuses[i] = item_status(exc)
                 continue
             if target is None:
                 local.append((i, req))
@@ -221,7 +223,7 @@ class Api:
             reply = await self.node.forward(target, method, request, deadline)
         except KvError as exc:
             for i in idx:
-                statuses[i] = _status(exc)
+                statuses[i] = item_status(exc)
             return
         for j, i in enumerate(idx):
             results[i] = reply.results[j]

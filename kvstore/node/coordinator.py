@@ -34,7 +34,6 @@ class ClusterView(Protocol):
     background: trio.Nursery
     rng: random.Random
     elastic: Any
-    loop_timestamps: Any  # kvstore.node.fastpath.LoopTimestamps
 
     def ring(self) -> Ring: ...
     def is_up(self, node_id: str) -> bool: ...
@@ -123,7 +122,6 @@ class Coordinator:
         commit is one acknowledgement among the others): measured, +3.5-4.5 % puts/s."""
         view = self.view
         now_ms = view.now_ms()
-        view.loop_timestamps.fold_into(view.clock, now_ms)  # replica writes the loop stored
         stamps = [
             Stamp(
                 r.key,
@@ -257,6 +255,21 @@ class Coordinator:
         except KvError as exc:
             log.debug("replica %s failed: %s", peer_id, exc)
             replies = [(14, None)] * len(items)
+        await self.after_replies(ring, peer_id, items, reqs, replies, on_result)
+
+    async def after_replies(
+        self,
+        ring: Ring,
+        peer_id: str,
+        items: list[tuple[int, RecordOp, bool]],
+        reqs: Sequence[WriteReq],
+        replies: Sequence[tuple[int, Any]],
+        on_result: Callable[[int, str, bool], None],
+    ) -> None:
+        """A peer's replies to its share of a write: acknowledgements pass to `on_result`; each op
+        it failed goes to a hinted fallback, or is kept here as a hint when nobody else can take
+        it (then it counts as not acknowledged)."""
+        view = self.view
         retry: dict[str, list[tuple[int, RecordOp, bool]]] = {}
         local_hints: list[tuple[str, RecordOp]] = []  # (owner, write)
         for (i, op, primary), (code, _) in zip(items, replies):
@@ -407,7 +420,7 @@ class Coordinator:
                         nursery.start_soon(ask, peer_id, items)
             # every replica asked answered or failed: repair the stale ones
             if view.config.read_repair:
-                await self._repair(reqs, replies)
+                await self.repair(reqs, replies)
 
         settle()
         view.background.start_soon(gather)
@@ -431,7 +444,7 @@ class Coordinator:
             out.append(ReadResult(merged, versions.context_of(merged)))
         return out
 
-    async def _repair(self, reqs: Sequence[ReadReq], replies: list[dict[str, list[Sibling]]]) -> None:
+    async def repair(self, reqs: Sequence[ReadReq], replies: list[dict[str, list[Sibling]]]) -> None:
         view = self.view
         per_peer: dict[str, list[WriteOp]] = {}
         local: list[tuple[bytes, list[Sibling]]] = []

@@ -60,6 +60,7 @@ class Gossip:
         self.refused = 0
         self.removed_self = trio.Event()   # this node was removed by an operator: it must stop
         self.changed = trio.Event()
+        self.on_change: Callable[[], None] | None = None  # called on trio after every merge or change of self
         self._ring_members = mb.ring_members(self.table)
         self._ring: Ring = Ring(self._ring_members)
         self._in_flight: set[str] = set()  # addresses with an exchange under way
@@ -187,6 +188,8 @@ class Gossip:
                 log.info("ring changed: %d nodes, digest %s", len(ring), ring.digest()[:12])
         self.changed.set()
         self.changed = trio.Event()
+        if self.on_change is not None:
+            self.on_change()
 
     # ---- sending ----------------------------------------------------------------------------
 

@@ -91,6 +91,52 @@ class LocalStore:
         that waits for their commit here (raising if it failed): the caller can ship the stamped
         versions to replicas meanwhile. The commit is then one acknowledgement among the others."""
         made: dict[int, Stamped] = {}
+        results, commit = await self.engine.update_many_early(self._stampers(stamps, now_ms, made))
+
+        async def committed() -> None:
+            try:
+                await commit()
+            except BaseException:
+                self._burn_dots(made)
+                raise
+
+        return [r if isinstance(r, BaseException) else made[i] for i, r in enumerate(results)], committed
+
+    def stamp_many_nowait(self, stamps: Sequence[Stamp], now_ms: int,
+                          stamped: Callable[[list[Stamped | BaseException]], None],
+                          committed: Callable[[BaseException | None], None]) -> bool:
+        """stamp_many for a caller that is not on trio (kvstore/node/express.py): queued at once;
+        on the writer thread, `stamped` gets the results before the commit and `committed` the
+        commit's outcome (None: stored). False, with nothing queued, when the engine takes work
+        only from trio."""
+        submit = getattr(self.engine, "update_many_early_nowait", None)
+        if submit is None:
+            return False
+        made: dict[int, Stamped] = {}
+
+        def applied(results: list[UpdateResult]) -> None:
+            stamped([r if isinstance(r, BaseException) else made[i] for i, r in enumerate(results)])
+
+        def done(outcome: list[UpdateResult] | BaseException) -> None:
+            if isinstance(outcome, BaseException):
+                self._burn_dots(made)
+                committed(outcome)
+            else:
+                committed(None)
+
+        submit(self._stampers(stamps, now_ms, made), applied, done)
+        return True
+
+    def _burn_dots(self, made: dict[int, Stamped]) -> None:
+        """After a failed commit: nothing was stored, but the dots may have reached replicas, and a
+        later write must never reuse one (it would be taken for this write and dropped as a
+        duplicate)."""
+        top = max((m.new.counter for m in made.values()), default=0)
+        self._counter_floor = max(self._counter_floor, top + 1)
+
+    def _stampers(self, stamps: Sequence[Stamp], now_ms: int,
+                  made: dict[int, Stamped]) -> list[tuple[bytes, Callable[[bytes | None], bytes | None]]]:
+        """The writer's updater per stamp; each puts its Stamped in `made` under its index."""
         floor = max(now_ms, self._counter_floor)
 
         def updater(i: int, st: Stamp):
@@ -121,21 +167,7 @@ class LocalStore:
 
             return apply
 
-        results, commit = await self.engine.update_many_early(
-            [(st.key, updater(i, st)) for i, st in enumerate(stamps)]
-        )
-
-        async def committed() -> None:
-            try:
-                await commit()
-            except BaseException:
-                # Nothing was stored, but the dots may have reached replicas: a later write must
-                # never reuse one (it would be taken for this write and dropped as a duplicate).
-                top = max((m.new.counter for m in made.values()), default=0)
-                self._counter_floor = max(self._counter_floor, top + 1)
-                raise
-
-        return [r if isinstance(r, BaseException) else made[i] for i, r in enumerate(results)], committed
+        return [(st.key, updater(i, st)) for i, st in enumerate(stamps)]
 
     async def merge_many(
         self, items: Sequence[tuple[bytes, list[Sibling] | RecordOp]], hint_for: Sequence[str] | None = None

@@ -191,8 +191,8 @@ def node_families(node: Any) -> list[Metric]:
             continue  # gossip may dial this node's own address as a seed: not a replica stream
         label = [names.get(address, address)]
         queued.add_metric(label, peer.queued_ops)
-        batches.add_metric(label, peer.batches_sent)
-        ops.add_metric(label, peer.ops_sent)
+        batches.add_metric(label, peer.batches_sent + peer.loop_batches_sent)
+        ops.add_metric(label, peer.ops_sent + peer.loop_ops_sent)
         reachable.add_metric(label, 1 if peer.reachable else 0)
     out += [queued, batches, ops, reachable]
 

@@ -19,7 +19,6 @@ from kvstore._proto import admin_pb2, kv_pb2
 from kvstore.config import NodeConfig
 from kvstore.core import ring as ringmod
 from kvstore.core import wire
-from kvstore.core.hlc import HybridClock
 from kvstore.core.membership import NodeState, Status, ring_of
 from kvstore.core.ring import Ring
 from kvstore.core.hlc import physical_ms
@@ -32,6 +31,8 @@ from kvstore.node.auth import NodeSecurity, load_security
 from kvstore.node.bridge import Transport, open_transport
 from kvstore.node.coordinator import Coordinator
 from kvstore.node.elastic import Elastic
+from kvstore.node.fastpath import SharedClock
+from kvstore.node.express import ROUTE_VIEW_INTERVAL_S, RouteView
 from kvstore.node.repair import Repair
 from kvstore.node import logs
 from kvstore.node.gossip import Gossip
@@ -41,7 +42,6 @@ from kvstore.node.limits import Admission
 from kvstore.node.local import LocalStore
 from kvstore.node.metrics import Metrics, MetricsServer, metrics_address
 from kvstore.node.peers import Peer, channel_options
-from kvstore.node.fastpath import LoopTimestamps
 from kvstore.node.server import Sessions, make_server
 from kvstore.node.status import code_of, message_of, number_of
 from kvstore.storage.base import Engine, FsyncPolicy
@@ -135,9 +135,9 @@ class Node:
         self.store.members = lambda: set(self.gossip.table) if self.gossip else set()
         self.store.observe_hlc = lambda hlc: self.clock.observe(hlc, self.now_ms())
         self.key_count = 0
-        self.clock = HybridClock()
-        self.loop_timestamps = LoopTimestamps()  # replica writes served on the transport loop
+        self.clock = SharedClock()  # trio and the transport loop both stamp
         self.coordinator = Coordinator(self)
+        self.route_view: RouteView | None = None  # for the transport loop's batches (express.py)
         self.elastic = Elastic(self)
         self.repairer = Repair(self)
         self.api = Api(self)
@@ -292,6 +292,7 @@ class Node:
             nursery.start_soon(self.gossip.run)
             nursery.start_soon(self._stop_when_removed)
             nursery.start_soon(self._publish_load)
+            nursery.start_soon(self._publish_routes)
             nursery.start_soon(self._replay_hints_loop)
             nursery.start_soon(self._purge_loop)
             nursery.start_soon(self.repairer.run_periodically)
@@ -324,6 +325,20 @@ class Node:
             self.gossip.set_me(replace(self.gossip.me, app={"keys": self.key_count, "version": VERSION}))
             await trio.sleep(max(10 * self.config.gossip_interval_s, 2.0))
 
+    async def _publish_routes(self) -> None:
+        """Keep `route_view` (what the transport loop coordinates by) current: at once when gossip
+        changes membership or a member's status, and every ROUTE_VIEW_INTERVAL_S for the failure
+        detector, whose verdicts change with time alone."""
+        assert self.gossip is not None
+        self.gossip.on_change = self._refresh_routes
+        while True:
+            self._refresh_routes()
+            await trio.sleep(ROUTE_VIEW_INTERVAL_S)
+
+    def _refresh_routes(self) -> None:
+        """None while the node must leave every batch to trio (not serving, stopping, ranges moving)."""
+        self.route_view = None if self.stopping.is_set() else RouteView.of(self)
+
     async def _stop_when_removed(self) -> None:
         assert self.gossip is not None
         await self.gossip.removed_self.wait()
@@ -331,6 +346,7 @@ class Node:
 
     def request_stop(self) -> None:
         self.stopping.set()
+        self.route_view = None  # from now on every batch goes through trio's path
 
     async def _drain(self) -> None:
         server, grace = self._server, self.config.shutdown_grace_s

@@ -149,6 +149,10 @@ class Peer:
         self.blocked = False           # fault injection (test hooks only): behave as if cut off
         self.batches_sent = 0
         self.ops_sent = 0
+        # ... sent by the transport loop's own path (kvstore/node/express.py): counted apart, each
+        # pair by one thread only (`+=` from two threads can lose an increment)
+        self.loop_batches_sent = 0
+        self.loop_ops_sent = 0
 
     async def connect(self) -> None:
         if self.conn is None:

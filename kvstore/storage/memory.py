@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import threading
 from collections import Counter
 from typing import Awaitable, Callable, Hashable, Sequence, TypeVar
 
@@ -93,9 +94,11 @@ def check_limit(limit: int) -> None:
 
 
 class MemoryEngine:
-    """Engine protocol over plain dicts; every call is one 'transaction' and atomic in trio."""
+    """Engine protocol over plain dicts; every call is one 'transaction', atomic under a lock: the
+    `*_nowait` methods run on the caller's thread (the transport loop's paths), the rest on trio."""
 
     def __init__(self) -> None:
+        self._lock = threading.Lock()
         self._data: dict[bytes, bytes] = {}
         self._hints: dict[tuple[str, bytes], bytes] = {}
         # Sorted keys for scan, rebuilt only when the key set changes (not on overwrite), so paging
@@ -106,6 +109,9 @@ class MemoryEngine:
 
     async def _enter(self) -> None:
         await trio.lowlevel.checkpoint()
+        self._check_open()
+
+    def _check_open(self) -> None:
         if self._closed:
             raise trio.ClosedResourceError("storage engine is closed")
 
@@ -127,16 +133,41 @@ class MemoryEngine:
         if not ops:
             return []
         staged: dict[K, bytes | None] = {}
-        results = apply_updates(ops, staged, table.get)
-        self.stats.calls += 1
-        self.stats.updates += len(ops)
-        if self._commit(table, staged) and table is self._data:
-            self._sorted_keys = None
+        with self._lock:
+            results = apply_updates(ops, staged, table.get)
+            self.stats.calls += 1
+            self.stats.updates += len(ops)
+            if self._commit(table, staged) and table is self._data:
+                self._sorted_keys = None
         return results
+
+    def _get(self, keys: Sequence[bytes]) -> list[bytes | None]:
+        with self._lock:
+            return [self._data.get(bytes(key)) for key in keys]
 
     async def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
         await self._enter()
-        return [self._data.get(bytes(key)) for key in keys]
+        return self._get(keys)
+
+    # -- any thread (see kvstore/storage/sqlite.py): applied at once on the caller's thread --
+
+    def update_many_nowait(self, updates: Sequence[tuple[bytes, Updater]],
+                           done: Callable[[list[UpdateResult] | BaseException], None]) -> None:
+        self._check_open()
+        done(self._update(self._data, [(bytes(key), updater) for key, updater in updates]))
+
+    def update_many_early_nowait(self, updates: Sequence[tuple[bytes, Updater]],
+                                 applied: Callable[[list[UpdateResult]], None],
+                                 done: Callable[[list[UpdateResult] | BaseException], None]) -> None:
+        self._check_open()
+        results = self._update(self._data, [(bytes(key), updater) for key, updater in updates])
+        applied(results)
+        done(results)
+
+    def get_many_nowait(self, keys: Sequence[bytes],
+                        done: Callable[[list[bytes | None] | BaseException], None]) -> None:
+        self._check_open()
+        done(self._get(keys))
 
     async def update_many(self, updates: Sequence[tuple[bytes, Updater]]) -> list[UpdateResult]:
         await self._enter()
@@ -150,11 +181,12 @@ class MemoryEngine:
     async def scan(self, after: bytes | None, limit: int) -> list[tuple[bytes, bytes]]:
         await self._enter()
         check_limit(limit)
-        if self._sorted_keys is None:
-            self._sorted_keys = sorted(self._data)
-        keys = self._sorted_keys
-        start = 0 if after is None else bisect.bisect_right(keys, bytes(after))
-        return [(key, self._data[key]) for key in keys[start : start + limit]]
+        with self._lock:
+            if self._sorted_keys is None:
+                self._sorted_keys = sorted(self._data)
+            keys = self._sorted_keys
+            start = 0 if after is None else bisect.bisect_right(keys, bytes(after))
+            return [(key, self._data[key]) for key in keys[start : start + limit]]
 
     async def count(self) -> int:
         await self._enter()
@@ -170,12 +202,14 @@ class MemoryEngine:
     async def hints_for(self, target: str, limit: int) -> list[tuple[bytes, bytes]]:
         await self._enter()
         check_limit(limit)
-        keys = sorted(key for (owner, key) in self._hints if owner == target)[:limit]
-        return [(key, self._hints[(target, key)]) for key in keys]
+        with self._lock:
+            keys = sorted(key for (owner, key) in self._hints if owner == target)[:limit]
+            return [(key, self._hints[(target, key)]) for key in keys]
 
     async def hint_counts(self) -> dict[str, int]:
         await self._enter()
-        return dict(Counter(target for target, _ in self._hints))
+        with self._lock:
+            return dict(Counter(target for target, _ in self._hints))
 
     async def delete_hints_if_unchanged(
         self, target: str, items: Sequence[tuple[bytes, bytes]]

@@ -129,10 +129,11 @@ class _Request:
     `done`; a caller on another thread (the `*_nowait` methods) gets `notify` called instead, on
     the engine's thread, once the request is finished."""
 
-    __slots__ = ("ops", "job", "result", "error", "done", "applied", "applied_result", "notify")
+    __slots__ = ("ops", "job", "result", "error", "done", "applied", "applied_result", "notify", "on_applied")
 
     def __init__(self, ops: Sequence[tuple[_Slot, Updater]] = (), job: Callable | None = None,
-                 early: bool = False, notify: Callable[[], None] | None = None):
+                 early: bool = False, notify: Callable[[], None] | None = None,
+                 on_applied: Callable[[list[UpdateResult]], None] | None = None):
         self.ops = ops
         self.job = job
         self.result: Any = None
@@ -142,6 +143,7 @@ class _Request:
         # update_many_early: set once the updaters ran, before the commit
         self.applied: trio.Event | None = trio.Event() if early else None
         self.applied_result: Any = None
+        self.on_applied = on_applied  # update_many_early_nowait's: called on the writer instead
 
 
 def _set_all(requests: Sequence[_Request]) -> None:
@@ -317,6 +319,21 @@ class SqliteEngine:
             self._check_open(writing=True)
             self._writes.put(request)
 
+    def update_many_early_nowait(self, updates: Sequence[tuple[bytes, Updater]],
+                                 applied: Callable[[list[UpdateResult]], None],
+                                 done: Callable[[list[UpdateResult] | BaseException], None]) -> None:
+        """update_many_early for a caller on another thread: `applied` is called on the writer
+        thread with the results once the updaters ran, before the commit (not at all when the
+        transaction fails before that), then `done` as for update_many_nowait."""
+        def notify() -> None:
+            done(self._write_error(request) if request.error is not None else request.result)
+
+        request = _Request(ops=[((None, bytes(key)), updater) for key, updater in updates],
+                           notify=notify, on_applied=applied)
+        with self._queueing:
+            self._check_open(writing=True)
+            self._writes.put(request)
+
     def get_many_nowait(self, keys: Sequence[bytes],
                         done: Callable[[list[bytes | None] | BaseException], None]) -> None:
         """get_many for a caller on another thread: `done` is called on a reader thread with the
@@ -453,12 +470,17 @@ class SqliteEngine:
         waiting = [request for request in batch if request.notify is None]
         for request in batch:
             if request.notify is not None:
-                try:
-                    request.notify()
-                except Exception:  # noqa: BLE001 - a caller's callback must not stop this thread
-                    log.exception("storage completion callback failed")
+                self._call(request.notify)
         if waiting:
             self._wake(_set_all, waiting)
+
+    @staticmethod
+    def _call(fn: Callable, *args: Any) -> None:
+        """A `*_nowait` caller's callback, on an engine thread: its failure must not stop it."""
+        try:
+            fn(*args)
+        except Exception:  # noqa: BLE001
+            log.exception("storage completion callback failed")
 
     def _wake(self, fn: Callable, *args: Any) -> None:
         try:
@@ -562,6 +584,8 @@ class SqliteEngine:
                     # its caller goes on (ships the results) while the rest applies and commits
                     request.applied_result = request.result
                     self._wake(request.applied.set)
+                elif request.on_applied is not None:
+                    self._call(request.on_applied, request.result)
             changed = {slot: rec for slot, rec in staged.items() if rec != committed[slot]}
             _store(conn, changed)
             conn.execute("COMMIT")

@@ -136,4 +136,6 @@ async def test_records_queued_from_another_thread_are_stored_or_merged_like_merg
         assert await stored(replica, b"bad") is None
     finally:
         await engine.aclose()
-    assert not store("n4").merge_records_nowait([first], lambda got: None)  # MemoryEngine: trio only
+    trio_only = LocalStore(object(), "n4", Limits(), NullSealer())  # an engine with no *_nowait calls
+    assert not trio_only.merge_records_nowait([first], lambda got: None)
+    assert not trio_only.stamp_many_nowait([], 0, lambda stamped: None, lambda error: None)

@@ -525,3 +525,79 @@ async def test_sqlite_nowait_calls_answer_a_thread_that_is_not_trio(tmp_path):
         engine.update_many_nowait([(b"a", put(b"2"))], lambda outcome: None)
     with pytest.raises(trio.ClosedResourceError):
         engine.get_many_nowait([b"a"], lambda outcome: None)
+
+
+async def test_nowait_calls_of_either_engine_answer_from_another_thread(engine: Engine):
+    """The transport loop's paths (kvstore/node/fastpath.py, express.py) call engines from their
+    own thread: each engine answers through the callbacks, `applied` before `done` for an early
+    update, and a failed updater costs only its own key."""
+
+    def from_another_thread() -> list[tuple[str, object]]:
+        calls: list[tuple[str, object]] = []
+        finished = threading.Event()
+
+        def record(name: str, last: bool = False):
+            def callback(outcome) -> None:
+                calls.append((name, outcome))
+                if last:
+                    finished.set()
+            return callback
+
+        def then_read(outcome) -> None:  # a read queued once the second write is committed
+            record("done2")(outcome)
+            engine.get_many_nowait([b"a", b"b"], record("read", last=True))
+
+        engine.update_many_early_nowait([(b"a", put(b"1")), (b"b", boom)], record("applied"), record("done"))
+        engine.update_many_nowait([(b"a", append(b"2"))], then_read)
+        assert finished.wait(10)
+        return calls
+
+    calls = await trio.to_thread.run_sync(from_another_thread)
+    names = [name for name, _ in calls]
+    assert names.index("applied") < names.index("done") < names.index("done2")
+    applied = dict(calls)["applied"]
+    assert applied[0] == b"1" and isinstance(applied[1], ValueError)
+    assert dict(calls)["done2"] == [b"12"]
+    assert dict(calls)["read"] == [b"12", None]
+    assert await engine.get_many([b"a", b"b"]) == [b"12", None]
+    await engine.aclose()
+    with pytest.raises(trio.ClosedResourceError):
+        engine.update_many_early_nowait([(b"a", put(b"3"))], lambda results: None, lambda outcome: None)
+
+
+async def test_a_nowait_stamp_whose_commit_failed_never_gives_its_dot_to_a_later_write(tmp_path, monkeypatch):
+    """As the test above, for the loop's path: `committed` gets the error, and the dot is burnt."""
+    import kvstore.storage.sqlite as sqlite_module
+    from kvstore.core.limits import Limits
+    from kvstore.kms.envelope import NullSealer
+    from kvstore.node.local import LocalStore, Stamp
+
+    engine = await SqliteEngine.open(tmp_path / "kv.db", FsyncPolicy.ALWAYS)
+    store = LocalStore(engine, "n1", Limits(), NullSealer())
+
+    def stamp(value: bytes, hlc: int) -> tuple[list, BaseException | None]:
+        got: dict[str, object] = {}
+        finished = threading.Event()
+
+        def committed(error) -> None:
+            got["error"] = error
+            finished.set()
+
+        assert store.stamp_many_nowait([Stamp(b"k", value, {}, hlc=hlc)], 1_000,
+                                       lambda stamped: got.setdefault("stamped", stamped), committed)
+        assert finished.wait(10)
+        return got["stamped"], got["error"]  # type: ignore[return-value]
+
+    try:
+        real_store = sqlite_module._store
+        monkeypatch.setattr(sqlite_module, "_store", lambda conn, changed: (_ for _ in ()).throw(
+            sqlite3.OperationalError("disk I/O error (injected)")))
+        [lost], error = await trio.to_thread.run_sync(stamp, b"v1", 1)
+        assert "injected" in str(error)
+        monkeypatch.setattr(sqlite_module, "_store", real_store)
+        [kept], error = await trio.to_thread.run_sync(stamp, b"v2", 2)
+        assert error is None
+        assert kept.new.counter > lost.new.counter
+        assert await engine.get_many([b"k"]) == [kept.record]
+    finally:
+        await engine.aclose()
