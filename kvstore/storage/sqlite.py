@@ -132,7 +132,7 @@ class _Request:
     __slots__ = ("ops", "job", "result", "error", "done", "applied", "applied_result", "notify", "on_applied")
 
     def __init__(self, ops: Sequence[tuple[_Slot, Updater]] = (), job: Callable | None = None,
-                 early: bool = False, notify: Callable[[], None] | None = None,
+                 early: bool = False, notify: "Callable[[_Request], None] | None" = None,
                  on_applied: Callable[[list[UpdateResult]], None] | None = None):
         self.ops = ops
         self.job = job
@@ -311,7 +311,9 @@ class SqliteEngine:
         `done` is called on the writer thread once they are committed, with their results, or
         with the error that failed the whole transaction (then none of them is stored). Raises
         at once if the engine is closed or has failed."""
-        def notify() -> None:
+        def notify(request: _Request) -> None:  # the request as an argument: a closure over it
+            # would make a reference cycle, and with it each batch cyclic garbage (measured: young
+            # collections of ~43,000 objects every 0.5 s, 18-39 ms each with the GIL held)
             done(self._write_error(request) if request.error is not None else request.result)
 
         request = _Request(ops=[((None, bytes(key)), updater) for key, updater in updates], notify=notify)
@@ -325,7 +327,7 @@ class SqliteEngine:
         """update_many_early for a caller on another thread: `applied` is called on the writer
         thread with the results once the updaters ran, before the commit (not at all when the
         transaction fails before that), then `done` as for update_many_nowait."""
-        def notify() -> None:
+        def notify(request: _Request) -> None:  # (not a closure over request: see update_many_nowait)
             done(self._write_error(request) if request.error is not None else request.result)
 
         request = _Request(ops=[((None, bytes(key)), updater) for key, updater in updates],
@@ -344,7 +346,7 @@ class SqliteEngine:
             found = _load_records(conn, None, wanted)
             return [found.get(key) for key in wanted]
 
-        def notify() -> None:
+        def notify(request: _Request) -> None:  # (not a closure over request: see update_many_nowait)
             done(request.error if request.error is not None else request.result)
 
         request = _Request(job=job, notify=notify)
@@ -470,7 +472,7 @@ class SqliteEngine:
         waiting = [request for request in batch if request.notify is None]
         for request in batch:
             if request.notify is not None:
-                self._call(request.notify)
+                self._call(request.notify, request)
         if waiting:
             self._wake(_set_all, waiting)
 
@@ -571,6 +573,7 @@ class SqliteEngine:
             batch, closing = _take_batch(self._writes, MAX_BATCH_UPDATES, lambda r: len(r.ops))
             if batch:
                 self._commit_batch(conn, batch)
+            del batch  # not held while this thread waits: its callers' results go with it
 
     def _commit_batch(self, conn: sqlite3.Connection, batch: list[_Request]) -> None:
         stats = self.stats
@@ -645,6 +648,7 @@ class SqliteEngine:
                 if batch:
                     _run_reads(conn, batch)
                     self._finish(batch)
+                del batch  # not held while this thread waits: its callers' results go with it
         finally:
             conn.close()
 
