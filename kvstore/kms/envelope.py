@@ -18,7 +18,6 @@ DEK's framing; a wrapped DEK swapped for another yields a different DEK, and the
 from __future__ import annotations
 
 import os
-import secrets
 import threading
 import time
 from collections import OrderedDict
