@@ -28,6 +28,19 @@ log = logging.getLogger(__name__)
 FORWARDED_HEADER = "kv-forwarded"
 
 OK = kv_pb2.ItemStatus(code=0)
+OP_LABELS = {None: "get", False: "put", True: "delete"}  # is_delete -> op label of kvstore_items_total
+SESSION_KINDS: dict[str, bool | None] = {"put": False, "get": None, "delete": True}  # batch kind -> is_delete
+
+
+def session_reply(node: Any, kind: str, results: Sequence[Any],
+                  statuses: list[kv_pb2.ItemStatus]) -> kv_pb2.SessionResponse:
+    """A session batch's reply, its items counted in the metrics (trio's path and the loop's)."""
+    node.metrics.count_items(OP_LABELS[SESSION_KINDS[kind]], statuses)
+    reply = kv_pb2.SessionResponse()  # filled in place: a Batch*Response kwarg would be copied
+    batch_reply = getattr(reply, kind)
+    batch_reply.results.extend(results)
+    batch_reply.statuses.extend(statuses)
+    return reply
 
 
 def item_status(exc: BaseException) -> kv_pb2.ItemStatus:

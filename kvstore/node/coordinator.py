@@ -69,14 +69,34 @@ class ReadResult:
 
 
 @dataclass
-class _Pending:
-    """Acknowledgement bookkeeping of one key's write."""
+class Pending:
+    """Acknowledgement bookkeeping of one key's write (trio's path here, the loop's in
+    kvstore/node/express.py)."""
 
     needed: int
     acks: int = 0
     outstanding: int = 0
     acked_by: list[str] = field(default_factory=list)
     done: bool = False
+
+    def record(self, peer_id: str, ok: bool) -> bool:
+        """One acknowledgement (or failure) from `peer_id`; True when it settles the write: W
+        acknowledgements, or nobody left to answer."""
+        self.outstanding -= 1
+        if ok:
+            self.acks += 1
+            self.acked_by.append(peer_id)
+        if not self.done and (self.acks >= self.needed or self.outstanding <= 0):
+            self.done = True
+            return True
+        return False
+
+    def shortfall(self) -> Unavailable | None:
+        """The error of a write short of W acknowledgements, else None."""
+        if self.acks >= self.needed:
+            return None
+        return Unavailable(f"w: got {self.acks} of {self.needed} acknowledgements needed "
+                           f"(acked by {', '.join(self.acked_by) or 'none'})")
 
 
 def _same_dots(sets: Iterable[list[Sibling]]) -> bool:
@@ -136,7 +156,7 @@ class Coordinator:
         ]
         stamped, committed = await view.store.stamp_many(stamps, now_ms)
         results: list[dict[str, int] | KvError] = [{} for _ in reqs]
-        pendings: list[_Pending | None] = [None] * len(reqs)
+        pendings: list[Pending | None] = [None] * len(reqs)
         all_done = trio.Event()
         ring = view.ring()
         # keys of ranges moving to a joining node or away from a leaving one (checked per batch)
@@ -152,7 +172,7 @@ class Coordinator:
                 results[i] = st if isinstance(st, KvError) else KvError(str(st))
                 continue
             results[i] = st.new.clock()
-            pending = _Pending(needed=req.w, outstanding=1)  # 1: this node's own commit
+            pending = Pending(needed=req.w, outstanding=1)  # 1: this node's own commit
             pendings[i] = pending
             pref = ring.replicas_of(req.key, req.n)  # the ring as it is now, after the stamp's wait
             # immutable: one object serves every primary (a fallback gets a copy naming its owner)
@@ -189,12 +209,7 @@ class Coordinator:
             nonlocal undone
             p = pendings[i]
             assert p is not None
-            p.outstanding -= 1
-            if ok:
-                p.acks += 1
-                p.acked_by.append(peer_id)
-            if not p.done and (p.acks >= p.needed or p.outstanding <= 0):
-                p.done = True
+            if p.record(peer_id, ok):
                 undone -= 1
                 if undone == 0:
                     all_done.set()
@@ -224,13 +239,10 @@ class Coordinator:
         with trio.move_on_at(deadline):
             await all_done.wait()
         for i, p in enumerate(pendings):
-            if p is not None and p.acks < p.needed:
-                log.debug("write of key %d/%d: %d of %d acknowledgements by the deadline",
-                          i + 1, len(reqs), p.acks, p.needed)
-                results[i] = Unavailable(
-                    f"w: got {p.acks} of {p.needed} acknowledgements needed "
-                    f"(acked by {', '.join(p.acked_by) or 'none'})"
-                )
+            short = p.shortfall() if p is not None else None
+            if short is not None:
+                log.debug("write of key %d/%d: %s by the deadline", i + 1, len(reqs), short)
+                results[i] = short
         return results
 
     def _fallback(self, ring: Ring, key: bytes, used: set[str]) -> str | None:

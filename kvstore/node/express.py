@@ -32,15 +32,14 @@ from kvstore.core.records import decode_record, encode_context
 from kvstore.core.ring import Ring
 from kvstore.core.wire import ReadOp, RecordOp
 from kvstore.errors import KvError, Unavailable
-from kvstore.node.api import OK, item_status
-from kvstore.node.coordinator import ReadReq, ReadResult, WriteReq
+from kvstore.node.api import OK, SESSION_KINDS, item_status, session_reply
+from kvstore.node.coordinator import Pending, ReadReq, ReadResult, WriteReq
 from kvstore.node.local import Stamp, Stamped
 from kvstore.node.peers import Peer
 
 log = logging.getLogger(__name__)
 
 ROUTE_VIEW_INTERVAL_S = 0.1
-_OPS = {None: "get", False: "put", True: "delete"}
 
 
 @dataclass(frozen=True)
@@ -87,7 +86,7 @@ async def run(node: Any, kind: str, batch: Any, budget: float) -> kv_pb2.Session
         return None
     if items[0].options.timeout_ms:
         budget = min(budget, items[0].options.timeout_ms / 1000)
-    is_delete = _KINDS[kind]
+    is_delete = SESSION_KINDS[kind]
     try:
         if is_delete is None:
             reqs: Any = [node.api.read_req(item) for item in items]
@@ -108,16 +107,7 @@ async def run(node: Any, kind: str, batch: Any, budget: float) -> kv_pb2.Session
         got = await _Write(node, view, reqs, prefs, is_delete).run(budget)
     if got is None:
         return None
-    results, statuses = got
-    node.metrics.count_items(_OPS[is_delete], statuses)
-    reply = kv_pb2.SessionResponse()
-    batch_reply = getattr(reply, kind)
-    batch_reply.results.extend(results)
-    batch_reply.statuses.extend(statuses)
-    return reply
-
-
-_KINDS: dict[str, bool | None] = {"put": False, "get": None, "delete": True}
+    return session_reply(node, kind, *got)
 
 
 def _threadsafe(loop: asyncio.AbstractEventLoop, fn: Callable[..., None]) -> Callable[..., None]:
@@ -167,10 +157,7 @@ class _Write:
         self.loop = asyncio.get_running_loop()
         self.finished = self.loop.create_future()
         self.outcomes: list[Any] = [None] * len(reqs)   # the new version's clock, or a KvError
-        self.acks = [0] * len(reqs)
-        self.outstanding = [0] * len(reqs)
-        self.acked_by: list[list[str]] = [[] for _ in reqs]
-        self.done = [True] * len(reqs)
+        self.pendings: list[Pending | None] = [None] * len(reqs)  # per stamped write
         self.undone = 0
         self.stamped_any = False
 
@@ -200,15 +187,14 @@ class _Write:
         results: list[Any] = []
         statuses: list[kv_pb2.ItemStatus] = []
         for i, req in enumerate(reqs):
-            out = self.outcomes[i]
+            out, pending = self.outcomes[i], self.pendings[i]
             if isinstance(out, KvError):
+                failed: KvError | None = out
+            else:  # not stamped by the deadline: no acknowledgement at all
+                failed = (pending or Pending(req.w)).shortfall()
+            if failed is not None:
                 results.append(response_cls())
-                statuses.append(item_status(out))
-            elif out is None or self.acks[i] < req.w:
-                results.append(response_cls())
-                statuses.append(item_status(Unavailable(
-                    f"w: got {self.acks[i]} of {req.w} acknowledgements needed "
-                    f"(acked by {', '.join(self.acked_by[i]) or 'none'})")))
+                statuses.append(item_status(failed))
             else:
                 results.append(response_cls(context=encode_context(out)))
                 statuses.append(OK)
@@ -230,8 +216,7 @@ class _Write:
             for target in pref:
                 if target != me:
                     plans.setdefault(target, []).append((i, op, True))
-            self.outstanding[i] = len(pref)  # the others, and this node's own commit
-            self.done[i] = False
+            self.pendings[i] = Pending(needed=req.w, outstanding=len(pref))  # the others and this node's commit
             self.undone += 1
         for target, items in plans.items():
             _start(self._send(target, items))
@@ -246,17 +231,14 @@ class _Write:
                 self._maybe_finished()
                 return
         me = self.node.node_id
-        for i, out in enumerate(self.outcomes):
-            if out is not None and not isinstance(out, KvError):  # stamped: its commit is an ack
+        for i, pending in enumerate(self.pendings):
+            if pending is not None:  # stamped: its commit is an acknowledgement
                 self._result(i, me, error is None)
 
     def _result(self, i: int, peer_id: str, ok: bool) -> None:
-        self.outstanding[i] -= 1
-        if ok:
-            self.acks[i] += 1
-            self.acked_by[i].append(peer_id)
-        if not self.done[i] and (self.acks[i] >= self.reqs[i].w or self.outstanding[i] <= 0):
-            self.done[i] = True
+        pending = self.pendings[i]
+        assert pending is not None
+        if pending.record(peer_id, ok):
             self.undone -= 1
             self._maybe_finished()
 

@@ -13,7 +13,7 @@ from kvstore._proto import admin_pb2, admin_pb2_grpc, internal_pb2, internal_pb2
 from kvstore.core import wire
 from kvstore.errors import DeadlineExceeded, InvalidArgument, KvError, ResourceExhausted
 from kvstore.node import express, logs
-from kvstore.node.api import FORWARDED_HEADER, raise_item
+from kvstore.node.api import FORWARDED_HEADER, OP_LABELS, SESSION_KINDS, raise_item, session_reply
 from kvstore.node.fastpath import serve_on_loop
 from kvstore.node.interceptor import ObservingInterceptor
 from kvstore.node.guard import KV_BACKSTOP_SLACK_S, Gate, Malformed, add_guarded
@@ -44,9 +44,7 @@ class _Base:
             await context.abort(code_of(exc), message_of(exc))
 
 
-_OPS = {None: "get", False: "put", True: "delete"}  # is_delete -> op label of kvstore_items_total
-# a session request's batch kind -> is_delete, and the unary method whose role it needs
-_SESSION_KINDS: dict[str, bool | None] = {"put": False, "get": None, "delete": True}
+# a session request's batch kind -> the unary method whose role it needs
 _SESSION_METHODS = {"put": "/kvstore.v1.KV/BatchPut", "get": "/kvstore.v1.KV/BatchGet",
                     "delete": "/kvstore.v1.KV/BatchDelete"}
 
@@ -92,7 +90,7 @@ class KVServicer(_Base, kv_pb2_grpc.KVServicer):
                 results, statuses = await self.node.api.get_batch([request], forwarded, timeout)
             else:
                 results, statuses = await self.node.api.write_batch([request], is_delete, forwarded, timeout)
-            self.node.metrics.count_items(_OPS[is_delete], statuses)
+            self.node.metrics.count_items(OP_LABELS[is_delete], statuses)
             raise_item(statuses[0])
             return results[0]
 
@@ -115,7 +113,7 @@ class KVServicer(_Base, kv_pb2_grpc.KVServicer):
                 results, statuses = await self.node.api.get_batch(list(request.items), forwarded, timeout)
             else:
                 results, statuses = await self.node.api.write_batch(list(request.items), is_delete, forwarded, timeout)
-            self.node.metrics.count_items(_OPS[is_delete], statuses)
+            self.node.metrics.count_items(OP_LABELS[is_delete], statuses)
             return response_cls(results=results, statuses=statuses)
 
         return await self._run(context, run)
@@ -243,18 +241,13 @@ class KVServicer(_Base, kv_pb2_grpc.KVServicer):
             self._session_recorder(kind or "none")(code, time.perf_counter() - started)
 
     async def _session_run(self, kind: str, batch: Any, budget: float) -> Any:
-        node, is_delete = self.node, _SESSION_KINDS[kind]
+        node, is_delete = self.node, SESSION_KINDS[kind]
         items = list(batch.items)
         if is_delete is None:
             results, statuses = await node.api.get_batch(items, False, budget)
         else:
             results, statuses = await node.api.write_batch(items, is_delete, False, budget)
-        node.metrics.count_items(_OPS[is_delete], statuses)
-        reply = kv_pb2.SessionResponse()  # filled in place: a Batch*Response kwarg would be copied
-        batch_reply = getattr(reply, kind)
-        batch_reply.results.extend(results)
-        batch_reply.statuses.extend(statuses)
-        return reply
+        return session_reply(node, kind, results, statuses)
 
     def _session_recorder(self, kind: str) -> Callable[[grpc.StatusCode, float], None]:
         found = self._recorders.get(kind)
