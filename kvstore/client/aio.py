@@ -346,6 +346,7 @@ class Client:
         self._conns: dict[str, _Conn] = {}
         self._topology: Topology | None = None
         self._topology_at = -1e9
+        self._refreshing: trio.Event | None = None  # set when the refresh under way ends
         # this session's order of coordinators (address -> rank): see Topology.coordinator
         self._order: dict[str, int] = {}
         # key -> coordinator under the current topology and order (cleared when either changes)
@@ -418,10 +419,7 @@ class Client:
     async def _route(self, key: bytes, avoid: set[str]) -> str:
         if self.token_aware:
             if self._topology is None or trio.current_time() - self._topology_at > self.ring_refresh_s:
-                try:
-                    await self.refresh_ring()
-                except KvError:
-                    self._topology = None
+                await self._refresh_once()
             if self._topology is not None:
                 if not avoid:
                     addr = self._routes.get(key)
@@ -436,6 +434,24 @@ class Client:
                     return addr
         candidates = [a for a in self.addresses if a not in avoid] or self.addresses
         return self._rng.choice(candidates)
+
+    async def _refresh_once(self) -> None:
+        """Refresh the topology, once for every caller that finds it stale: the first refreshes,
+        the others go on with the topology they have (or, with none yet, wait for that refresh).
+        When each refreshed, every call in flight at expiry (or after an UNAVAILABLE, which
+        expires it) sent its own Ring call: 64 at once every ring_refresh_s with 64 in flight."""
+        if self._refreshing is not None:
+            if self._topology is None:
+                await self._refreshing.wait()
+            return
+        self._refreshing = trio.Event()
+        try:
+            await self.refresh_ring()
+        except KvError:
+            self._topology = None  # routed at random until a refresh succeeds
+        finally:
+            self._refreshing.set()
+            self._refreshing = None
 
     async def _call(self, key: bytes, method: str, request: Any, timeout_s: float | None, idempotent: bool) -> Any:
         timeout = timeout_s or self.timeout_s
