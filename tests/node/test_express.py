@@ -30,21 +30,28 @@ def trio_batches(monkeypatch) -> list[str]:
     return seen
 
 
-async def freeze_route_view(monkeypatch, node) -> None:
-    """`node`'s loop keeps coordinating by a view with every member up: a link cut after this is
-    one nobody has noticed yet (the view is otherwise refreshed every 0.1 s, and sees the cut)."""
+async def sees_all_up(node) -> None:
+    """Wait until `node`'s loop coordinates by a view with every member up (gossip's convergence
+    reaches it within a refresh, 0.1 s)."""
 
     async def all_up() -> bool:
         view = node.route_view
         return view is not None and view.up == frozenset(view.ring.node_ids)
 
     await eventually(all_up, what="a route view with every member up")
+
+
+async def freeze_route_view(monkeypatch, node) -> None:
+    """`node`'s loop keeps coordinating by a view with every member up: a link cut after this is
+    one nobody has noticed yet (the view is otherwise refreshed every 0.1 s, and sees the cut)."""
+    await sees_all_up(node)
     frozen, real = node.route_view, RouteView.of
     monkeypatch.setattr(RouteView, "of", staticmethod(lambda n: frozen if n is node else real(n)))
 
 
 async def test_usual_batches_stay_on_the_loop_and_unusual_ones_go_through_trio(nodes, trio_batches) -> None:
     cluster = await nodes.cluster(3)
+    await sees_all_up(cluster[0])
     keys = [b"loop-%d" % i for i in range(40)]
     async with nodes.client(cluster[0], token_aware=False) as kv:
         contexts = await kv.put_many([(k, b"v-" + k) for k in keys], w="all")
@@ -97,6 +104,7 @@ async def test_a_read_whose_replica_fails_under_the_loop_path_is_answered_by_tri
                                                                                   monkeypatch) -> None:
     cluster = await nodes.cluster(3, read_repair_chance=0.0)
     coord = cluster[0]
+    await sees_all_up(coord)
     async with nodes.client(coord, token_aware=False) as kv:
         await kv.put(b"k", b"v", w="all")
         pref = coord.ring().preference_list(b"k", 3)
@@ -111,6 +119,7 @@ async def test_a_read_whose_replica_fails_under_the_loop_path_is_answered_by_tri
 
 async def test_replicas_that_disagree_are_merged_and_repaired(nodes, trio_batches) -> None:
     cluster = await nodes.cluster(3, read_repair_chance=1.0)
+    await sees_all_up(cluster[0])
     async with nodes.client(cluster[0], token_aware=False) as kv:
         await kv.put(b"k", b"old", w="all")
         old = {n.node_id: (await n.engine.get_many([b"k"]))[0] for n in cluster}
