@@ -14,6 +14,7 @@ import msgpack
 
 from kvstore.core.versions import Sibling
 from kvstore.errors import DataLoss, InvalidArgument
+from kvstore.packing import packb
 
 RECORD_FORMAT = 1
 CONTEXT_FORMAT = 1
@@ -26,7 +27,7 @@ MAX_CONTEXT_COUNTER = 1 << 53
 
 
 def _packb(obj: Any) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)
+    return packb(obj)
 
 
 def _unpackb(data: bytes) -> Any:

@@ -30,6 +30,7 @@ import msgpack
 from kvstore.core.records import siblings_from_wire, sibling_to_wire
 from kvstore.core.versions import Sibling
 from kvstore.errors import InvalidArgument
+from kvstore.packing import packb as _packb
 
 WIRE_FORMAT = 1
 MAX_BATCH_OPS = 10_000
@@ -72,7 +73,7 @@ MAX_DIGEST_BYTES = 64
 
 
 def packb(obj: Any) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)
+    return _packb(obj)
 
 
 def unpackb(data: bytes) -> Any:

@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from kvstore.errors import DataLoss, KvError
 from kvstore.kms.provider import EncryptionContext, KeyState, KmsProvider, unpack_wrapped
+from kvstore.packing import packb
 
 ENVELOPE_FORMAT = 1
 PLAINTEXT_FORMAT = 0     # distinct from every sealed format, so neither sealer misreads the other
@@ -179,9 +180,7 @@ class Sealer:
             dek = self._sealing_dek(self._clock())
         nonce = os.urandom(NONCE_BYTES)  # what secrets.token_bytes returns, without its two calls
         ciphertext = dek.cipher.encrypt(nonce, plaintext, _aad(dek.kek_id, aad))
-        return msgpack.packb(
-            [ENVELOPE_FORMAT, dek.kek_id, dek.kek_version, dek.wrapped, nonce, ciphertext], use_bin_type=True
-        )
+        return packb([ENVELOPE_FORMAT, dek.kek_id, dek.kek_version, dek.wrapped, nonce, ciphertext])
 
     def _sealing_dek(self, now: float) -> _Dek:
         current = had = self._current

@@ -138,6 +138,7 @@ class LocalStore:
                   made: dict[int, Stamped]) -> list[tuple[bytes, Callable[[bytes | None], bytes | None]]]:
         """The writer's updater per stamp; each puts its Stamped in `made` under its index."""
         floor = max(now_ms, self._counter_floor)
+        me = self.node_id
 
         def updater(i: int, st: Stamp):
             def apply(old: bytes | None) -> bytes | None:
@@ -151,16 +152,15 @@ class LocalStore:
                 if self.members is not None and len(context) > self.limits.max_vv_entries:
                     # (the member set is built only when a vector is long enough to prune)
                     context = versions.prune(context, self.members(), self.limits.max_vv_entries)
-                new, merged = versions.stamp(
-                    local, self.node_id, context, st.value, st.hlc, st.expires_at_ms, counter_floor=floor
-                )
+                # versions.stamp, with the value sealed once its dot (part of the AAD) is known and
+                # before the sibling is built: one sibling made instead of two, and no search for it
+                counter = versions.next_counter(local, me, context, floor)
+                value = st.value
+                if value is not None:
+                    value = self.sealer.seal(value, value_aad(st.key, me, counter))
+                new = Sibling(me, counter, dict(context), value, st.hlc, st.expires_at_ms)
+                merged = versions.merge(local, [new])
                 self._check_siblings(st.key, merged)
-                if new.value is not None:  # sealed here, where the dot (part of the AAD) is known
-                    sealed = Sibling(new.node, new.counter, new.vv,
-                                     self.sealer.seal(new.value, value_aad(st.key, new.node, new.counter)),
-                                     new.hlc, new.expires_at_ms)
-                    merged = [sealed if s.dot == new.dot else s for s in merged]
-                    new = sealed
                 record = encode_record(merged)
                 made[i] = Stamped(new, merged, record, digest(old))
                 return old if self.drop_writes else record
