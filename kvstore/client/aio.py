@@ -345,6 +345,7 @@ class Client:
         self.max_message_bytes = max_message_bytes
         self._conns: dict[str, _Conn] = {}
         self._topology: Topology | None = None
+        self._topology_nodes: tuple[list, int] | None = None  # what it was built from
         self._topology_at = -1e9
         self._refreshing: trio.Event | None = None  # set when the refresh under way ends
         # this session's order of coordinators (address -> rank): see Topology.coordinator
@@ -399,10 +400,10 @@ class Client:
             except KvError as exc:
                 last = exc
                 continue
-            self._topology = Topology.from_nodes(
-                ((n.node_id, n.address, n.zone, tuple(n.tokens), n.up) for n in resp.nodes), resp.n
-            )
-            self._routes.clear()
+            nodes = (sorted((n.node_id, n.address, n.zone, tuple(n.tokens), n.up) for n in resp.nodes), resp.n)
+            if self._topology is None or nodes != self._topology_nodes:
+                self._topology, self._topology_nodes = Topology.from_nodes(*nodes), nodes
+                self._routes.clear()  # else the ring is the same: so are the routes found on it
             addresses = set(self._topology.addresses.values())
             if set(self._order) != addresses:
                 # A random order of the nodes per client session, kept while they stay: every key

@@ -42,3 +42,22 @@ async def test_calls_made_before_the_first_ring_wait_for_one_refresh(nodes) -> N
                 nursery.start_soon(kv.put, b"k%d" % i, b"v")
         assert kv._topology is not None  # they were routed by the ring, not at random
     assert await _ring_calls(node) == before + 1
+
+
+async def test_a_refresh_keeps_the_routes_while_the_ring_is_the_same_and_drops_them_when_it_changes(nodes) -> None:
+    first = await nodes.start()
+    async with nodes.client(first, ring_refresh_s=3600) as kv:
+        await kv.put(b"k", b"v")
+        topology = kv._topology
+        assert kv._routes  # the key's coordinator is remembered
+        await kv.refresh_ring()  # what every ring_refresh_s does: the same ring came back
+        assert kv._topology is topology and b"k" in kv._routes
+
+        second = await nodes.start()
+        await nodes.converged([first, second])
+        await kv.refresh_ring()
+        assert kv._topology is not topology
+        assert set(kv._topology.addresses) == {first.node_id, second.node_id}
+        assert b"k" not in kv._routes  # routed again on the new ring
+        await kv.put(b"k", b"v2")
+        assert (await kv.get(b"k")).value == b"v2"
