@@ -14,7 +14,7 @@ import msgpack
 
 from kvstore.core.versions import Sibling
 from kvstore.errors import DataLoss, InvalidArgument
-from kvstore.packing import packb
+from kvstore.packing import packb as _packb
 
 RECORD_FORMAT = 1
 CONTEXT_FORMAT = 1
@@ -24,10 +24,6 @@ _U64 = (1 << 64) - 1
 #: one node, so 2^53 is never reached; a forged one near 2^64 would leave the next write of that
 #: node no counter to take (and, merged into the stored version vector, brick the key for it).
 MAX_CONTEXT_COUNTER = 1 << 53
-
-
-def _packb(obj: Any) -> bytes:
-    return packb(obj)
 
 
 def _unpackb(data: bytes) -> Any:

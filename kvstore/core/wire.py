@@ -30,7 +30,7 @@ import msgpack
 from kvstore.core.records import siblings_from_wire, sibling_to_wire
 from kvstore.core.versions import Sibling
 from kvstore.errors import InvalidArgument
-from kvstore.packing import packb as _packb
+from kvstore.packing import packb
 
 WIRE_FORMAT = 1
 MAX_BATCH_OPS = 10_000
@@ -70,10 +70,6 @@ class PurgeOp:
 ReplicaOp = WriteOp | RecordOp | ReadOp | PurgeOp
 #: the largest digest a RecordOp may name (records.digest makes 16 bytes)
 MAX_DIGEST_BYTES = 64
-
-
-def packb(obj: Any) -> bytes:
-    return _packb(obj)
 
 
 def unpackb(data: bytes) -> Any:

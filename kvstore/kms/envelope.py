@@ -348,7 +348,7 @@ class NullSealer:
 
     def seal(self, plaintext: bytes, aad: bytes) -> bytes:
         self.stats.seals += 1
-        return msgpack.packb([PLAINTEXT_FORMAT, plaintext], use_bin_type=True)
+        return packb([PLAINTEXT_FORMAT, plaintext])
 
     def open(self, envelope: bytes, aad: bytes, key_for_errors: bytes | None = None) -> bytes:
         self.stats.opens += 1
