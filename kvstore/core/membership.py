@@ -26,6 +26,7 @@ the same process is a bug or a hostile peer, and must not make the ring flap.
 from __future__ import annotations
 
 import enum
+import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -418,3 +419,30 @@ def ring_members(table: Table) -> tuple[RingNode, ...]:
 def ring_of(table: Table) -> Ring:
     """The ring this table defines: nodes in ring statuses with their tokens."""
     return Ring(ring_members(table))
+
+
+def token_digest(tokens: Iterable[int]) -> str:
+    """A short fingerprint of a token set (status views carry it, not the tokens)."""
+    return hashlib.blake2b(b"".join(t.to_bytes(8, "big") for t in sorted(tokens)), digest_size=8).hexdigest()
+
+
+def allocation_ring(table: Table, me: str) -> Ring:
+    """The ring a joiner takes tokens against: the members in ring statuses and those still
+    joining (their tokens are taken too), other than itself. Against the ring alone, two nodes
+    joining at once computed the same balanced tokens, and the second owned nothing."""
+    return Ring(RingNode(s.node_id, s.address, s.zone, s.tokens) for s in table.values()
+                if s.node_id != me and s.tokens and (s.status in RING_STATUSES or s.status is Status.JOINING))
+
+
+def token_clash(table: Table, me: str) -> str | None:
+    """A member with a lower id (ring status or joining) holding a token `me` holds too: two
+    joiners that picked at once from the same ring. The one with the higher id picks again."""
+    mine = table.get(me)
+    if mine is None or not mine.tokens:
+        return None
+    taken = set(mine.tokens)
+    for s in sorted(table.values(), key=lambda s: s.node_id):
+        if (s.node_id < me and (s.status in RING_STATUSES or s.status is Status.JOINING)
+                and not taken.isdisjoint(s.tokens)):
+            return s.node_id
+    return None

@@ -155,9 +155,10 @@ class Elastic:
 
     # ---- waiting for the cluster to see a status ----------------------------------------------
 
-    async def wait_seen(self, status: Status, timeout_s: float = 30.0) -> None:
+    async def wait_seen(self, status: Status, timeout_s: float = 30.0, tokens: tuple[int, ...] | None = None) -> None:
         """Until every live member's own view shows this node in `status` (so every coordinator
-        sends writes for moving ranges to their new replicas before data starts to move)."""
+        sends writes for moving ranges to their new replicas before data starts to move), and
+        with `tokens`, holding those."""
         node = self.node
         with trio.fail_after(timeout_s):
             while True:
@@ -170,7 +171,8 @@ class Elastic:
                     try:
                         view = await node.peer(s.node_id).call("status", None, node.config.replica_timeout_s)
                         mine = [m for m in view["members"] if m["node_id"] == node.node_id]
-                        if not mine or mine[0]["status"] != status.value:
+                        if not mine or mine[0]["status"] != status.value or (
+                                tokens is not None and mine[0].get("token_digest") != mb.token_digest(tokens)):
                             lagging.append(s.node_id)
                     except (KvError, KeyError, TypeError):
                         lagging.append(s.node_id)

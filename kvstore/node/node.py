@@ -19,7 +19,7 @@ from kvstore._proto import admin_pb2, kv_pb2
 from kvstore.config import NodeConfig
 from kvstore.core import ring as ringmod
 from kvstore.core import wire
-from kvstore.core.membership import NodeState, Status, ring_of
+from kvstore.core.membership import NodeState, Status, allocation_ring, token_clash, token_digest
 from kvstore.core.ring import Ring
 from kvstore.core.hlc import physical_ms
 from kvstore.core.records import decode_record, encode_record, siblings_from_reply
@@ -52,6 +52,7 @@ IDENTITY_FILE = "node.json"
 VERSION = "0.1.0"
 IDENTITY_FORMAT = 1
 RESTART_LEARN_S = 5.0  # a restarting member waits this long at most to hear its seeds before serving
+TOKEN_SETTLE_ROUNDS = 5  # gossip rounds a joiner waits, its tokens seen by all, for any other joiner's
 
 
 def load_identity(data_dir: Path, wanted_id: str) -> dict[str, Any]:
@@ -229,8 +230,10 @@ class Node:
                 await self._learn_cluster(whole=True)
         if not tokens:
             joining_existing = len(self.gossip.table) > 1
+            if joining_existing:
+                await self._await_lower_joiners()
             tokens = ringmod.allocate_tokens(
-                ring_of(self.gossip.table) if joining_existing else None,
+                allocation_ring(self.gossip.table, self.node_id) if joining_existing else None,
                 self.config.tokens_per_node,
                 self.rng,
             )
@@ -241,6 +244,53 @@ class Node:
         self.gossip.set_me(replace(self.gossip.me, tokens=tokens))
         boot = self.ident.get("bootstrap")
         return bool(boot) and not boot.get("done")
+
+    async def _await_lower_joiners(self) -> None:
+        """Before picking tokens: while a member with a lower id is joining and has not picked
+        yet, wait (bounded) for its tokens, so that this node picks against them."""
+        assert self.gossip is not None
+        with trio.move_on_after(10):
+            while any(s.node_id < self.node_id and s.status is Status.JOINING and not s.tokens
+                      for s in self.gossip.table.values()):
+                await self.gossip.round()
+                await trio.sleep(self.gossip.interval_s)
+
+    async def _repick_clashing_tokens(self) -> None:
+        """Before streaming, once every member has this node's tokens and gossip has had a few
+        rounds to bring in any other joiner's (as Cassandra waits out its ring delay): if a node
+        with a lower id joined at the same moment and, balancing against the same ring, took the
+        same tokens, this node picks again against a ring that holds the other's, and looks again."""
+        assert self.gossip is not None
+        for _ in range(5):
+            await trio.sleep(TOKEN_SETTLE_ROUNDS * self.config.gossip_interval_s)
+            other = token_clash(self.gossip.table, self.node_id) or await self._clash_in_views()
+            if other is None:
+                return
+            tokens = ringmod.allocate_tokens(allocation_ring(self.gossip.table, self.node_id),
+                                             self.config.tokens_per_node, self.rng)
+            log.warning("joining: %s took the same tokens at the same time; taking others", other)
+            self.ident["tokens"] = list(tokens)
+            self.save_identity()
+            self.gossip.set_me(replace(self.gossip.me, tokens=tokens))
+            await self.elastic.wait_seen(Status.JOINING, tokens=tokens)
+
+    async def _clash_in_views(self) -> str | None:
+        """A lower id holding this node's very tokens in some live member's view (a member that
+        heard from both joiners before this node heard from the other)."""
+        assert self.gossip is not None
+        mine = token_digest(self.gossip.me.tokens)
+        for s in list(self.gossip.table.values()):
+            if s.node_id == self.node_id or not self.is_up(s.node_id):
+                continue
+            try:
+                view = await self.peer(s.node_id).call("status", None, self.config.replica_timeout_s)
+                for m in view["members"]:
+                    if (m["node_id"] < self.node_id and m["status"] in ("joining", "normal", "leaving")
+                            and m.get("token_digest") == mine):
+                        return str(m["node_id"])
+            except (KvError, KeyError, TypeError):
+                continue  # wait_seen has just heard from it; a miss here only skips this look
+        return None
 
     async def _learn_cluster(self, whole: bool = False) -> None:
         """Gossip with the seeds until a normal member is known (bounded). With `whole` (a
@@ -300,7 +350,8 @@ class Node:
             if must_bootstrap:  # joining a cluster that may hold data: stream our ranges first
                 log.info("joining: waiting for the cluster to see this node, then streaming its ranges")
                 with self.elastic.join_scope:  # an operator's abort-join cancels it
-                    await self.elastic.wait_seen(Status.JOINING)
+                    await self.elastic.wait_seen(Status.JOINING, tokens=self.gossip.me.tokens)
+                    await self._repick_clashing_tokens()
                     await self.elastic.bootstrap()
             if self.elastic.join_scope.cancelled_caught:
                 await self.elastic.finish_abort()  # LEFT, identity reset; then stop like a decommission
@@ -791,6 +842,7 @@ class Node:
                 {
                     "node_id": s.node_id, "address": s.address, "zone": s.zone, "status": s.status.value,
                     "up": self.is_up(s.node_id), "tokens": len(s.tokens), "ownership": share.get(s.node_id, 0.0),
+                    "token_digest": token_digest(s.tokens),
                     "phi": round(min(self.gossip.phi(s.node_id), 1e9), 2), "app": dict(s.app),
                     "generation": s.generation, "heartbeat": s.heartbeat,
                 }

@@ -18,6 +18,7 @@ from kvstore.core.membership import (
     TRANSITIONS,
     IllegalTransition,
     NodeState,
+    allocation_ring,
     Status,
     compare_digests,
     compare_versions,
@@ -32,6 +33,8 @@ from kvstore.core.membership import (
     removal,
     ring_members,
     ring_of,
+    token_clash,
+    token_digest,
     transition,
     versions_of,
 )
@@ -386,3 +389,37 @@ def test_ring_members_ignore_heartbeats_but_not_what_the_ring_is_made_of() -> No
     assert ring_members({**table, "a": replace(table["a"], address="a:7001")}) != members
     assert ring_members({**table, "a": replace(table["a"], status=S.LEFT)}) != members
     assert [n.node_id for n in ring_members({**table, "c": node("c", tokens=(9,))})] == ["a", "b", "c"]
+
+
+# --- token allocation ----------------------------------------------------------------------------
+
+def test_two_joiners_that_saw_the_same_ring_pick_distinct_balanced_tokens() -> None:
+    """The second joiner takes tokens against the members joining too: against the ring alone
+    (where joiners are not yet) both computed the same tokens and one of them owned nothing."""
+    from random import Random
+
+    from kvstore.core.ring import allocate_tokens
+
+    first = node("a", tokens=allocate_tokens(None, 16, Random(1)))
+    table = {"a": first}
+    b_tokens = allocate_tokens(allocation_ring(table, "b"), 16, Random(2))
+    assert allocate_tokens(ring_of(table), 16, Random(3)) == b_tokens  # the clash, reproduced
+    table["b"] = node("b", status=S.JOINING, tokens=b_tokens)
+    c_tokens = allocate_tokens(allocation_ring(table, "c"), 16, Random(3))
+    table["c"] = node("c", status=S.JOINING, tokens=c_tokens)
+    assert set(b_tokens).isdisjoint(c_tokens)
+    share = ring_of({k: replace(v, status=S.NORMAL) for k, v in table.items()}).ownership()
+    assert all(0.25 < share[n] < 0.42 for n in "abc"), share
+
+
+def test_a_token_clash_is_resolved_by_the_higher_id_only() -> None:
+    table = {"a": node("a", tokens=(1, 5)), "b": node("b", status=S.JOINING, tokens=(2, 6)),
+             "c": node("c", status=S.JOINING, tokens=(2, 7))}
+    assert token_clash(table, "c") == "b"
+    assert token_clash(table, "b") is None  # the lower id keeps its tokens
+    assert token_clash({**table, "c": node("c", status=S.JOINING, tokens=(3,))}, "c") is None
+    assert token_clash({**table, "b": removal(table["b"])}, "c") is None
+
+
+def test_token_digest_depends_on_the_set_only() -> None:
+    assert token_digest((3, 1, 2)) == token_digest([1, 2, 3]) != token_digest((1, 2))
