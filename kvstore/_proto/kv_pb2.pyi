@@ -216,3 +216,29 @@ class SessionResponse(_message.Message):
     get: BatchGetResponse
     delete: BatchDeleteResponse
     def __init__(self, id: _Optional[int] = ..., error: _Optional[_Union[ItemStatus, _Mapping]] = ..., put: _Optional[_Union[BatchPutResponse, _Mapping]] = ..., get: _Optional[_Union[BatchGetResponse, _Mapping]] = ..., delete: _Optional[_Union[BatchDeleteResponse, _Mapping]] = ...) -> None: ...
+
+class ListKeysRequest(_message.Message):
+    __slots__ = ("prefix", "start_after", "limit", "replicas", "options")
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
+    START_AFTER_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    REPLICAS_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    prefix: bytes
+    start_after: bytes
+    limit: int
+    replicas: int
+    options: Options
+    def __init__(self, prefix: _Optional[bytes] = ..., start_after: _Optional[bytes] = ..., limit: _Optional[int] = ..., replicas: _Optional[int] = ..., options: _Optional[_Union[Options, _Mapping]] = ...) -> None: ...
+
+class ListKeysResponse(_message.Message):
+    __slots__ = ("keys", "cursor", "missing_ranges", "total_ranges")
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    CURSOR_FIELD_NUMBER: _ClassVar[int]
+    MISSING_RANGES_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_RANGES_FIELD_NUMBER: _ClassVar[int]
+    keys: _containers.RepeatedScalarFieldContainer[bytes]
+    cursor: bytes
+    missing_ranges: int
+    total_ranges: int
+    def __init__(self, keys: _Optional[_Iterable[bytes]] = ..., cursor: _Optional[bytes] = ..., missing_ranges: _Optional[int] = ..., total_ranges: _Optional[int] = ...) -> None: ...

@@ -69,6 +69,11 @@ class KVStub:
                 request_serializer=kvstore_dot_v1_dot_kv__pb2.RingRequest.SerializeToString,
                 response_deserializer=kvstore_dot_v1_dot_kv__pb2.RingResponse.FromString,
                 _registered_method=True)
+        self.ListKeys = channel.unary_unary(
+                '/kvstore.v1.KV/ListKeys',
+                request_serializer=kvstore_dot_v1_dot_kv__pb2.ListKeysRequest.SerializeToString,
+                response_deserializer=kvstore_dot_v1_dot_kv__pb2.ListKeysResponse.FromString,
+                _registered_method=True)
         self.Session = channel.stream_stream(
                 '/kvstore.v1.KV/Session',
                 request_serializer=kvstore_dot_v1_dot_kv__pb2.SessionRequest.SerializeToString,
@@ -121,6 +126,13 @@ class KVServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListKeys(self, request, context):
+        """Keys in byte order, a page per call; see ListKeysRequest.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Session(self, request_iterator, context):
         """The Batch* methods on one long-lived stream: a client keeps one per node it talks to.
         Batches are handled concurrently and answered in any order, by id. A node that stops ends
@@ -167,6 +179,11 @@ def add_KVServicer_to_server(servicer, server):
                     servicer.Ring,
                     request_deserializer=kvstore_dot_v1_dot_kv__pb2.RingRequest.FromString,
                     response_serializer=kvstore_dot_v1_dot_kv__pb2.RingResponse.SerializeToString,
+            ),
+            'ListKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListKeys,
+                    request_deserializer=kvstore_dot_v1_dot_kv__pb2.ListKeysRequest.FromString,
+                    response_serializer=kvstore_dot_v1_dot_kv__pb2.ListKeysResponse.SerializeToString,
             ),
             'Session': grpc.stream_stream_rpc_method_handler(
                     servicer.Session,
@@ -363,6 +380,33 @@ class KV:
             '/kvstore.v1.KV/Ring',
             kvstore_dot_v1_dot_kv__pb2.RingRequest.SerializeToString,
             kvstore_dot_v1_dot_kv__pb2.RingResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.KV/ListKeys',
+            kvstore_dot_v1_dot_kv__pb2.ListKeysRequest.SerializeToString,
+            kvstore_dot_v1_dot_kv__pb2.ListKeysResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -132,6 +132,16 @@ def build_parser() -> argparse.ArgumentParser:
     certs_cli.add_parser(sub)
     admin_cli.add_parsers(sub, _add_client_args)
 
+    keys = sub.add_parser("keys", help="list keys in byte order (a page per request; see --limit)")
+    keys.add_argument("--prefix", default="", help="only keys starting with this")
+    keys.add_argument("--after", default="", help="only keys after this one (resume a listing)")
+    keys.add_argument("--limit", type=int, default=0, help="at most this many keys (0: all)")
+    keys.add_argument("--replicas", type=int, default=0,
+                      help="replicas asked per token range (default 1; more also finds writes a replica missed)")
+    keys.add_argument("--allow-partial", action="store_true",
+                      help="exit 0 even when ranges with no replica up were left out")
+    _add_client_args(keys)
+
     locate = sub.add_parser("locate", help="which nodes replicate and store a key")
     locate.add_argument("key")
     _add_client_args(locate)
@@ -213,6 +223,8 @@ def run_client_command(args: argparse.Namespace) -> int:
                     print(f"{r['node_id']:<14} {r['address']:<22} {'up' if r['up'] else 'DOWN':<5} "
                           f"{r['tokens']:>4} tokens  {100 * r['ownership']:6.2f}%")
             return 0
+        if args.command == "keys":
+            return _keys(kv, args)
         if args.command == "locate":
             loc = kv.locate(key)
             reps = [{"node_id": r.node_id, "address": r.address, "primary": r.primary, "stored": r.stored,
@@ -226,6 +238,36 @@ def run_client_command(args: argparse.Namespace) -> int:
                           f"{'stored' if r['stored'] else '-'}")
             return 0
     raise AssertionError(args.command)
+
+
+def _keys(kv: Any, args: argparse.Namespace) -> int:
+    """Prints keys as the pages arrive (one per line; --json: one object per key), so a large
+    listing streams instead of gathering in memory; a partial listing ends with exit 3."""
+    if args.limit < 0:
+        raise errors.InvalidArgument(f"--limit: {args.limit} is negative")
+    cursor, printed, missing, total = args.after.encode(), 0, 0, 0
+    while True:
+        want = min(1000, args.limit - printed) if args.limit else 0
+        page = kv.list_keys_page(prefix=args.prefix.encode(), start_after=cursor, limit=want, replicas=args.replicas)
+        missing, total = max(missing, page.missing_ranges), page.total_ranges
+        for k in page.keys:
+            if args.json:
+                try:
+                    _print_json({"key": k.decode("utf-8")})
+                except UnicodeDecodeError:
+                    _print_json({"key_b64": base64.b64encode(k).decode()})
+            else:
+                sys.stdout.buffer.write(k + b"\n")
+        sys.stdout.flush()
+        printed += len(page.keys)
+        cursor = page.cursor
+        if not cursor or (args.limit and printed >= args.limit):
+            break
+    if missing:
+        print(f"kvstore keys: partial: {missing} of {total} token ranges had no replica up; their keys are "
+              "missing", file=sys.stderr)
+        return 0 if args.allow_partial else EXIT_CODES[errors.Unavailable]
+    return 0
 
 
 def _status(kv: Any, args: argparse.Namespace) -> int:

@@ -16,7 +16,7 @@ import random
 import threading
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, AsyncIterator, Callable, Iterable, Mapping, Sequence
 
 import grpc
 import msgpack
@@ -46,6 +46,16 @@ SESSION_SLACK_S = 0.5
 #: keys whose coordinator a client remembers until the next ring refresh: a lookup instead of a
 #: hash and a ring search per call
 ROUTE_CACHE_KEYS = 65536
+
+
+@dataclass(frozen=True)
+class KeyPage:
+    """One page of a key listing: pass `cursor` as `start_after` for the next (b"": no more)."""
+
+    keys: list[bytes]
+    cursor: bytes
+    missing_ranges: int   # token ranges with no replica up: their keys are not in this page
+    total_ranges: int
 
 
 @dataclass(frozen=True)
@@ -597,6 +607,56 @@ class Client:
         reqs = [kv_pb2.DeleteRequest(key=k, w=lv, options=self._options(False)) for k in keys]
         res = await self._batch(list(keys), "BatchDelete", reqs, kv_pb2.BatchDeleteRequest, timeout_s, False)
         return [r if isinstance(r, KvError) else r.context for r in res]
+
+    # ---- key listing ----------------------------------------------------------------------
+
+    async def list_keys_page(self, *, prefix: bytes = b"", start_after: bytes = b"", limit: int = 0,
+                             replicas: int = 0, timeout_s: float | None = None) -> KeyPage:
+        """One page of live keys in byte order (see `list_keys`): at most `limit` (0: the node's
+        default page), after `start_after`, starting with `prefix`. Any node coordinates it; a
+        node that is down or overloaded is skipped for another."""
+        request = kv_pb2.ListKeysRequest(prefix=prefix, start_after=start_after, limit=limit, replicas=replicas,
+                                         options=kv_pb2.Options(n=self.n) if self.n else None)
+        timeout = timeout_s or self.timeout_s
+        deadline = trio.current_time() + timeout
+        tried: list[str] = []
+        attempt = 0
+        while True:
+            untried = [a for a in self.addresses if a not in tried] or self.addresses
+            address = self._rng.choice(untried)
+            try:
+                resp = await _wait(self._conn(address).kv.ListKeys.future(
+                    request, timeout=max(deadline - trio.current_time(), 0.001)))
+                return KeyPage(list(resp.keys), resp.cursor, resp.missing_ranges, resp.total_ranges)
+            except (Unavailable, Overloaded):
+                attempt += 1
+                tried.append(address)
+                backoff = min(0.05 * 2**attempt, 1.0) * self._rng.uniform(0.5, 1.5)
+                if attempt > self.retries or trio.current_time() + backoff >= deadline:
+                    raise
+                await trio.sleep(backoff)
+
+    async def list_keys(self, *, prefix: bytes = b"", start_after: bytes = b"", limit: int = 0,
+                        page_size: int = 0, replicas: int = 0, allow_partial: bool = False) -> AsyncIterator[bytes]:
+        """Every live key (not deleted, not expired) in byte order, a page per call to the cluster;
+        at most `limit` (0: all). `replicas`: how many replicas of each token range to ask (0 or
+        1: one; more also finds keys that replica has not received yet, at that many times the
+        work). When some range of the ring had no replica up, its keys are missing: after the
+        others, this raises Unavailable saying how much is missing, unless `allow_partial`."""
+        cursor, sent, missing, total = start_after, 0, 0, 0
+        while True:
+            want = page_size if not limit else min(page_size or limit, limit - sent)
+            page = await self.list_keys_page(prefix=prefix, start_after=cursor, limit=want, replicas=replicas)
+            missing, total = max(missing, page.missing_ranges), page.total_ranges
+            for key in page.keys:
+                yield key
+            sent += len(page.keys)
+            cursor = page.cursor
+            if not cursor or (limit and sent >= limit):
+                break
+        if missing and not allow_partial:
+            raise Unavailable(f"key listing is partial: {missing} of {total} token ranges had no replica up, "
+                              "and their keys are missing (list again once their nodes are back)")
 
     # ---- cluster information --------------------------------------------------------------
 

@@ -44,6 +44,14 @@ class SyncClient:
 
         return call
 
+    def list_keys(self, **options: Any) -> list[bytes]:
+        """Client.list_keys, collected into a list (bound it with `limit` on a large store)."""
+
+        async def collect() -> list[bytes]:
+            return [key async for key in self._client.list_keys(**options)]
+
+        return trio.from_thread.run(collect, trio_token=self._token)
+
     def close(self) -> None:
         if self._thread.is_alive():
             self._client.close()

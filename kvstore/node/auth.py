@@ -41,6 +41,7 @@ METHOD_ROLES: dict[str, str] = {
     "/kvstore.v1.KV/Get": "read",
     "/kvstore.v1.KV/BatchGet": "read",
     "/kvstore.v1.KV/Ring": "read",
+    "/kvstore.v1.KV/ListKeys": "read",
     "/kvstore.v1.KV/Put": "write",
     "/kvstore.v1.KV/Delete": "write",
     "/kvstore.v1.KV/BatchPut": "write",

@@ -34,7 +34,7 @@ from kvstore.node.elastic import Elastic
 from kvstore.node.fastpath import SharedClock
 from kvstore.node.express import ROUTE_VIEW_INTERVAL_S, RouteView
 from kvstore.node.repair import Repair
-from kvstore.node import logs
+from kvstore.node import listing, logs
 from kvstore.node.gossip import Gossip
 from kvstore.node.health import Health
 from kvstore.node.keys import Keys
@@ -494,6 +494,8 @@ class Node:
             return await self.elastic.serve_stream(body)
         if kind == "rereplicate":
             return await self.elastic.rereplicate(body)
+        if kind == "list-keys":
+            return await listing.serve_page(self, body)
         if kind == "merkle-trees":
             return await self.repairer.serve_trees(body)
         if kind == "range-digests":

@@ -12,7 +12,7 @@ import grpc
 from kvstore._proto import admin_pb2, admin_pb2_grpc, internal_pb2, internal_pb2_grpc, kv_pb2, kv_pb2_grpc
 from kvstore.core import wire
 from kvstore.errors import DeadlineExceeded, InvalidArgument, KvError, ResourceExhausted
-from kvstore.node import express, logs
+from kvstore.node import express, listing, logs
 from kvstore.node.api import FORWARDED_HEADER, OP_LABELS, SESSION_KINDS, raise_item, session_reply
 from kvstore.node.fastpath import serve_on_loop
 from kvstore.node.interceptor import ObservingInterceptor
@@ -126,6 +126,9 @@ class KVServicer(_Base, kv_pb2_grpc.KVServicer):
 
     async def BatchGet(self, request: kv_pb2.BatchGetRequest, context: Any) -> kv_pb2.BatchGetResponse:
         return await self._batch(context, request, None, kv_pb2.BatchGetResponse)
+
+    async def ListKeys(self, request: kv_pb2.ListKeysRequest, context: Any) -> kv_pb2.ListKeysResponse:
+        return await self._run(context, listing.list_keys, self.node, request, context.time_remaining())
 
     async def Ring(self, request: kv_pb2.RingRequest, context: Any) -> kv_pb2.RingResponse:
         return await self._run(context, self.node.ring_response)

@@ -46,8 +46,9 @@ class Engine(Protocol):
         that waits for the commit (raising its error: then none of these updates is stored). A
         coordinator ships its stamped versions to replicas while its own transaction commits."""
 
-    async def scan(self, after: bytes | None, limit: int) -> list[tuple[bytes, bytes]]:
-        """Up to `limit` (key, record) pairs with key > `after` (all keys when None), key order."""
+    async def scan(self, after: bytes | None, limit: int, prefix: bytes = b"") -> list[tuple[bytes, bytes]]:
+        """Up to `limit` (key, record) pairs with key > `after` (all keys when None) and starting
+        with `prefix`, in key order."""
 
     async def count(self) -> int:
         """Number of keys in the data table."""

@@ -14,6 +14,7 @@ from typing import Awaitable, Callable, Hashable, Sequence, TypeVar
 
 import trio
 
+from kvstore.core.listing import prefix_end
 from kvstore.storage.base import Updater, UpdateResult
 
 K = TypeVar("K", bound=Hashable)
@@ -178,7 +179,7 @@ class MemoryEngine:
     ) -> tuple[list[UpdateResult], Callable[[], Awaitable[None]]]:
         return await self.update_many(updates), already_committed
 
-    async def scan(self, after: bytes | None, limit: int) -> list[tuple[bytes, bytes]]:
+    async def scan(self, after: bytes | None, limit: int, prefix: bytes = b"") -> list[tuple[bytes, bytes]]:
         await self._enter()
         check_limit(limit)
         with self._lock:
@@ -186,7 +187,13 @@ class MemoryEngine:
                 self._sorted_keys = sorted(self._data)
             keys = self._sorted_keys
             start = 0 if after is None else bisect.bisect_right(keys, bytes(after))
-            return [(key, self._data[key]) for key in keys[start : start + limit]]
+            if prefix:
+                start = max(start, bisect.bisect_left(keys, bytes(prefix)))
+                end = prefix_end(prefix)
+                stop = len(keys) if end is None else bisect.bisect_left(keys, end)
+            else:
+                stop = len(keys)
+            return [(key, self._data[key]) for key in keys[start : min(stop, start + limit)]]
 
     async def count(self) -> int:
         await self._enter()

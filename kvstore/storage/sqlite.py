@@ -48,6 +48,7 @@ from typing import Any, Awaitable, Callable, Sequence
 
 import trio
 
+from kvstore.core.listing import prefix_end
 from kvstore.errors import Internal
 from kvstore.storage.base import FsyncPolicy, Updater, UpdateResult
 from kvstore.storage.memory import EngineStats, already_committed, apply_updates, check_limit, unchanged_deleter
@@ -354,13 +355,11 @@ class SqliteEngine:
             self._check_open(writing=False)
             self._reads.put(request)
 
-    async def scan(self, after: bytes | None, limit: int) -> list[tuple[bytes, bytes]]:
+    async def scan(self, after: bytes | None, limit: int, prefix: bytes = b"") -> list[tuple[bytes, bytes]]:
         check_limit(limit)
-        if after is None:
-            sql, args = "SELECT key, record FROM data ORDER BY key LIMIT ?", (limit,)
-        else:
-            sql = "SELECT key, record FROM data WHERE key > ? ORDER BY key LIMIT ?"
-            args = (bytes(after), limit)
+        where, args = scan_bounds(after, prefix)
+        sql = "SELECT key, record FROM data" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY key LIMIT ?"
+        args.append(limit)
         return await self._read(lambda conn: conn.execute(sql, args).fetchall())
 
     async def count(self) -> int:
@@ -775,6 +774,23 @@ def _run_reads(conn: sqlite3.Connection, batch: list[_Request]) -> None:
     finally:
         if conn.in_transaction:
             conn.execute("COMMIT")
+
+
+def scan_bounds(after: bytes | None, prefix: bytes) -> tuple[list[str], list[Any]]:
+    """The WHERE terms and arguments of a scan after `after` within `prefix` (on an index range)."""
+    where: list[str] = []
+    args: list[Any] = []
+    if after is not None:
+        where.append("key > ?")
+        args.append(bytes(after))
+    if prefix:
+        where.append("key >= ?")
+        args.append(bytes(prefix))
+        end = prefix_end(prefix)
+        if end is not None:
+            where.append("key < ?")
+            args.append(end)
+    return where, args
 
 
 def _store(conn: sqlite3.Connection, changed: dict[_Slot, bytes | None]) -> None:

@@ -122,6 +122,18 @@ async def test_scan_is_key_ordered_and_pages(engine: Engine):
         await engine.scan(None, -1)
 
 
+async def test_scan_with_a_prefix_stays_inside_it(engine: Engine):
+    keys = [b"a", b"ab", b"ab\x00", b"ab\xff", b"ab\xff\xff", b"ac", b"b", b"\xff", b"\xff\x01"]
+    await engine.update_many([(key, put(b"r" + key)) for key in keys])
+    for prefix in (b"ab", b"ab\xff", b"\xff", b"a", b"zz"):
+        inside = [(key, b"r" + key) for key in sorted(keys) if key.startswith(prefix)]
+        assert await engine.scan(None, 100, prefix) == inside
+        assert await engine.scan(None, 2, prefix) == inside[:2]
+        if inside:
+            assert await engine.scan(inside[0][0], 100, prefix) == inside[1:]
+    assert await engine.scan(b"b", 100, b"a") == []  # after the prefix's keys: nothing
+
+
 async def test_hints_are_per_target_and_delete_only_if_unchanged(engine: Engine):
     results = await engine.hint_update_many(
         [("n2", b"b", put(b"hb")), ("n2", b"a", put(b"ha")), ("n3", b"a", put(b"x")),
