@@ -94,7 +94,7 @@ class Api:
         limits.check_ttl(item.ttl_s)
         return WriteReq(item.key, item.value, context, n, w, opts.strict, item.ttl_s, item.conditional, blind)
 
-    def _check_serving(self) -> None:
+    def check_serving(self) -> None:
         """Until the node is ready its ring may be partial (a restarted node that has not heard
         from its peers yet sees a ring of one, where QUORUM is 1): no reads or writes before."""
         if not self.node.serving:
@@ -103,7 +103,7 @@ class Api:
     async def write_batch(
         self, items: Sequence[Any], is_delete: bool, forwarded: bool, timeout_s: float | None
     ) -> tuple[list[Any], list[kv_pb2.ItemStatus]]:
-        self._check_serving()
+        self.check_serving()
         self.node.config.limits.check_batch(len(items))
         response_cls = kv_pb2.DeleteResponse if is_delete else kv_pb2.PutResponse
         results: list[Any] = [response_cls() for _ in items]
@@ -129,7 +129,7 @@ class Api:
     async def get_batch(
         self, items: Sequence[kv_pb2.GetRequest], forwarded: bool, timeout_s: float | None
     ) -> tuple[list[kv_pb2.GetResponse], list[kv_pb2.ItemStatus]]:
-        self._check_serving()
+        self.check_serving()
         self.node.config.limits.check_batch(len(items))
         results = [kv_pb2.GetResponse() for _ in items]
         statuses: list[kv_pb2.ItemStatus] = [OK] * len(items)

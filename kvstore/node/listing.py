@@ -86,7 +86,7 @@ def _check_request(node: Any, request: kv_pb2.ListKeysRequest) -> tuple[int, int
 async def list_keys(node: Any, request: kv_pb2.ListKeysRequest, timeout_s: float | None) -> kv_pb2.ListKeysResponse:
     """One page of the listing, coordinated here (on trio)."""
     n, copies, limit = _check_request(node, request)
-    node.api._check_serving()
+    node.api.check_serving()
     deadline = node.api.deadline(timeout_s, request.options)
     ring = node.ring()
     ranges = [((start, end), ring.preference_list(end, n)) for start, end, _ in ring.ranges()]
