@@ -46,6 +46,7 @@ SESSION_SLACK_S = 0.5
 #: keys whose coordinator a client remembers until the next ring refresh: a lookup instead of a
 #: hash and a ring search per call
 ROUTE_CACHE_KEYS = 65536
+LIST_PAGE = 1000  # a node's default key listing page (its max_batch_items)
 
 
 @dataclass(frozen=True)
@@ -645,7 +646,9 @@ class Client:
         others, this raises Unavailable saying how much is missing, unless `allow_partial`."""
         cursor, sent, missing, total = start_after, 0, 0, 0
         while True:
-            want = page_size if not limit else min(page_size or limit, limit - sent)
+            want = page_size  # 0: the node's default page
+            if limit and limit - sent < (page_size or LIST_PAGE):
+                want = limit - sent
             page = await self.list_keys_page(prefix=prefix, start_after=cursor, limit=want, replicas=replicas)
             missing, total = max(missing, page.missing_ranges), page.total_ranges
             for key in page.keys:

@@ -37,6 +37,7 @@ async def test_lists_every_live_key_once_in_order_across_small_pages(nodes) -> N
         assert await _listed(kv, page_size=7, replicas=3) == sorted(keys)
         assert await _listed(kv, prefix=b"order/") == sorted(k for k in keys if k.startswith(b"order/"))
         assert await _listed(kv, limit=10) == sorted(keys)[:10]
+        assert await _listed(kv, limit=2000) == sorted(keys)  # more than a page may hold
         middle = sorted(keys)[50]
         assert await _listed(kv, start_after=middle, page_size=9) == sorted(keys)[51:]
 
