@@ -123,7 +123,9 @@ async def _page_from(node: Any, node_id: str, body: dict[str, Any], timeout_s: f
         reply = await serve_page(node, body)
     else:
         reply = await node.peer(node_id).call("list-keys", body, timeout_s)
-    keys, upto = reply.get("keys") if isinstance(reply, dict) else None, reply.get("upto") if isinstance(reply, dict) else None
+    if not isinstance(reply, dict):
+        raise Unavailable(f"peer {node_id}: a malformed key listing page")
+    keys, upto = reply.get("keys"), reply.get("upto")
     if not (isinstance(keys, list) and all(isinstance(k, bytes) for k in keys)
             and (upto is None or isinstance(upto, bytes))):
         raise Unavailable(f"peer {node_id}: a malformed key listing page")
