@@ -5,7 +5,8 @@ a page of its live keys after the cursor (this node through its own store, other
 `list-keys` Call), and merges them. A page costs each node at most SCAN_ROWS_PER_PAGE stored
 records read, however few of them are live keys of its ranges; a node that stopped early says how
 far it got, and the page ends there. A node that fails a page is left out and its ranges go to
-another replica, within the same call; ranges left with none are reported as missing.
+another replica, within the same call; ranges left with none are reported as missing. The nodes
+of a plan are asked at once.
 """
 from __future__ import annotations
 
@@ -87,6 +88,7 @@ async def list_keys(node: Any, request: kv_pb2.ListKeysRequest, timeout_s: float
     """One page of the listing, coordinated here (on trio)."""
     n, copies, limit = _check_request(node, request)
     node.api.check_serving()
+    started = trio.current_time()
     deadline = node.api.deadline(timeout_s, request.options)
     ring = node.ring()
     ranges = [((start, end), ring.preference_list(end, n)) for start, end, _ in ring.ranges()]
@@ -100,19 +102,30 @@ async def list_keys(node: Any, request: kv_pb2.ListKeysRequest, timeout_s: float
         plan = listing.plan(todo, up, node.node_id, copies)
         missing.extend(plan.missing)
         todo = []
-        for node_id, assigned in plan.assigned.items():
-            left = deadline - trio.current_time()
-            if left <= 0:
-                raise DeadlineExceeded(f"deadline: the key listing page took over {node.config.request_timeout_s:.3g}s")
+        got: dict[str, listing.Page | Unavailable] = {}
+
+        async def ask(node_id: str, assigned: list[listing.Range]) -> None:
             try:
-                got = await _page_from(node, node_id, {**body, "ranges": [list(r) for r in assigned]}, left)
+                got[node_id] = await _page_from(node, node_id, {**body, "ranges": [list(r) for r in assigned]},
+                                                max(deadline - trio.current_time(), 0.001))
             except Unavailable as exc:
-                log.info("key listing: %s failed a page (%s); its ranges go to other replicas", node_id, exc)
+                got[node_id] = exc
+
+        with trio.move_on_at(deadline) as scope:
+            async with trio.open_nursery() as nursery:  # every node's share at once
+                for node_id, assigned in plan.assigned.items():
+                    nursery.start_soon(ask, node_id, assigned)
+        if scope.cancelled_caught:
+            raise DeadlineExceeded(f"deadline: the key listing page took over {deadline - started:.3g}s")
+        for node_id, assigned in plan.assigned.items():
+            page = got[node_id]
+            if isinstance(page, Unavailable):
+                log.info("key listing: %s failed a page (%s); its ranges go to other replicas", node_id, page)
                 up.discard(node_id)
                 failed = set(assigned)
                 todo.extend((r, reps) for r, reps in ranges if r in failed)
-                continue
-            pages.append(got)
+            else:
+                pages.append(page)
     keys, cursor = listing.merge(pages, limit) if pages else ([], None)
     return kv_pb2.ListKeysResponse(keys=keys, cursor=cursor or b"", missing_ranges=len(missing),
                                    total_ranges=len(ranges))

@@ -57,6 +57,18 @@ async def test_five_nodes_merge_scattered_ranges_and_survive_a_stopped_node(node
         assert await _listed(kv, page_size=13) == sorted(keys)
 
 
+async def test_a_node_failing_its_share_is_replaced_by_another_replica_within_the_call(nodes) -> None:
+    started = await nodes.cluster(5)
+    coordinator = started[0]
+    async with nodes.client(coordinator) as kv:
+        keys = await _fill(kv, 100)
+        for other in started[1:]:  # its link fails before anyone has seen it down
+            coordinator.peer(other.node_id).blocked = True
+            page = await kv.list_keys_page()
+            assert (page.keys, page.cursor, page.missing_ranges) == (sorted(keys), b"", 0)
+            coordinator.peer(other.node_id).blocked = False
+
+
 async def test_ranges_with_no_replica_up_are_reported_missing_not_dropped(nodes) -> None:
     started = await nodes.cluster(3)
     async with nodes.client(started[0], n=1) as kv:  # one copy per key: a stopped node's keys are gone
