@@ -127,6 +127,10 @@ class LocalStore:
         submit(self._stampers(stamps, now_ms, made), applied, done)
         return True
 
+    def raise_counter_floor(self, floor: int) -> None:
+        """Every later write's counter is at least `floor` (a restart's saved clock lease)."""
+        self._counter_floor = max(self._counter_floor, floor)
+
     def _burn_dots(self, made: dict[int, Stamped]) -> None:
         """After a failed commit: nothing was stored, but the dots may have reached replicas, and a
         later write must never reuse one (it would be taken for this write and dropped as a

@@ -21,7 +21,7 @@ from kvstore.core import ring as ringmod
 from kvstore.core import wire
 from kvstore.core.membership import NodeState, Status, allocation_ring, token_clash, token_digest
 from kvstore.core.ring import Ring
-from kvstore.core.hlc import physical_ms
+from kvstore.core.hlc import pack, physical_ms
 from kvstore.core.records import decode_record, encode_record, siblings_from_reply
 from kvstore.core.wire import PurgeOp, ReadOp, RecordOp, ReplicaOp, WriteOp
 from kvstore.certs import CertError
@@ -52,6 +52,7 @@ IDENTITY_FILE = "node.json"
 VERSION = "0.1.0"
 IDENTITY_FORMAT = 1
 RESTART_LEARN_S = 5.0  # a restarting member waits this long at most to hear its seeds before serving
+CLOCK_LEASE_MS = 2_000  # see Node._keep_clock_lease
 TOKEN_SETTLE_ROUNDS = 5  # gossip rounds a joiner waits, its tokens seen by all, for any other joiner's
 
 
@@ -136,7 +137,12 @@ class Node:
         self.store.members = lambda: set(self.gossip.table) if self.gossip else set()
         self.store.observe_hlc = lambda hlc: self.clock.observe(hlc, self.now_ms())
         self.key_count = 0
-        self.clock = SharedClock()  # trio and the transport loop both stamp
+        # trio and the transport loop both stamp. Both the clock and the version counters start
+        # above the lease saved before any restart, so a clock set back meanwhile cannot make
+        # this node reuse a timestamp or a dot it has already given out (_keep_clock_lease).
+        lease = int(ident.get("clock_lease_ms", 0))
+        self.clock = SharedClock(pack(lease, 0))
+        self.store.raise_counter_floor(lease + 1)
         self.coordinator = Coordinator(self)
         self.route_view: RouteView | None = None  # for the transport loop's batches (express.py)
         self.elastic = Elastic(self)
@@ -341,6 +347,7 @@ class Node:
             must_bootstrap = await self._take_tokens()
             nursery.start_soon(self.gossip.run)
             nursery.start_soon(self._stop_when_removed)
+            nursery.start_soon(self._keep_clock_lease)
             nursery.start_soon(self._publish_load)
             nursery.start_soon(self._publish_routes)
             nursery.start_soon(self._replay_hints_loop)
@@ -367,6 +374,19 @@ class Node:
             await self._drain()
             nursery.cancel_scope.cancel()
         await self._close()
+
+    async def _keep_clock_lease(self) -> None:
+        """Every CLOCK_LEASE_MS / 2, save a time CLOCK_LEASE_MS past both the wall clock and
+        the HLC (which may run ahead of it, following a peer's): what this node stamps until the
+        next save stays below it, and a restart starts its clock and counters above it, even if
+        the wall clock went back in between. A short lease: a restart moves the HLC at most that
+        far ahead of the wall clock. (A peer's HLC followed in the last half lease before a crash
+        may still lie beyond it.)"""
+        while True:
+            lease = max(self.now_ms(), physical_ms(self.clock.last)) + CLOCK_LEASE_MS
+            self.ident["clock_lease_ms"] = lease
+            self.save_identity()  # a few hundred bytes, as at startup
+            await trio.sleep(CLOCK_LEASE_MS / 2000)
 
     async def _publish_load(self) -> None:
         """Gossip this node's load (keys stored) as application state, for `kvstore status`."""

@@ -278,3 +278,24 @@ async def test_a_stopping_node_ends_its_health_watches_after_not_serving(nodes) 
     assert statuses[0] == health_pb2.HealthCheckResponse.SERVING
     assert statuses[-1] == health_pb2.HealthCheckResponse.NOT_SERVING
     assert code == grpc.StatusCode.OK
+
+
+async def test_a_restart_with_the_clock_set_back_stamps_after_what_it_stamped_before(nodes, monkeypatch) -> None:
+    """The node saves a clock lease while it runs and starts above it: a wall clock set back
+    across a restart (NTP step, a VM restored) does not give later writes earlier timestamps, and
+    the newest value stays the one written last."""
+    from kvstore.node.node import Node
+
+    node = await nodes.start(name="solo", storage="sqlite")
+    async with nodes.client(node) as kv:
+        await kv.put(b"k", b"before")
+        before = (await kv.get(b"k")).siblings[0].hlc
+    await nodes.stop(node)
+    real = Node.now_ms
+    monkeypatch.setattr(Node, "now_ms", staticmethod(lambda: real() - 3_600_000))  # an hour back
+    node = await nodes.start(name="solo", storage="sqlite", seeds=())
+    async with nodes.client(node) as kv:
+        await kv.put(b"k", b"after")
+        got = await kv.get(b"k")
+    assert got.value == b"after" and [s.value for s in got.siblings] == [b"after"]
+    assert got.siblings[0].hlc > before
