@@ -385,7 +385,10 @@ class Node:
         while True:
             lease = max(self.now_ms(), physical_ms(self.clock.last)) + CLOCK_LEASE_MS
             self.ident["clock_lease_ms"] = lease
-            self.save_identity()  # a few hundred bytes, as at startup
+            try:
+                self.save_identity()  # a few hundred bytes, as at startup
+            except OSError as exc:  # e.g. a full disk: the node serves on, the restart guard is older
+                log.warning("could not save the clock lease: %s", exc)
             await trio.sleep(CLOCK_LEASE_MS / 2000)
 
     async def _publish_load(self) -> None:

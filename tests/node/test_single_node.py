@@ -299,3 +299,23 @@ async def test_a_restart_with_the_clock_set_back_stamps_after_what_it_stamped_be
         got = await kv.get(b"k")
     assert got.value == b"after" and [s.value for s in got.siblings] == [b"after"]
     assert got.siblings[0].hlc > before
+
+
+async def test_a_clock_lease_that_cannot_be_saved_costs_no_request(nodes, monkeypatch) -> None:
+    import kvstore.node.node as node_module
+
+    node = await nodes.start()
+    failures = []
+
+    def full_disk(*args) -> None:
+        failures.append(args)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(node_module, "save_identity", full_disk)
+    with trio.fail_after(10):
+        while not failures:
+            await trio.sleep(0.1)
+    async with nodes.client(node) as kv:
+        await kv.put(b"k", b"v")
+        assert await kv.get_value(b"k") == b"v"
+    assert not node.stopping.is_set()
