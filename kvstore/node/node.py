@@ -276,6 +276,7 @@ class Node:
                                              self.config.tokens_per_node, self.rng)
             log.warning("joining: %s took the same tokens at the same time; taking others", other)
             self.ident["tokens"] = list(tokens)
+            self.ident["bootstrap"] = {"done": False, "cursors": {}}  # other ranges: stream afresh
             self.save_identity()
             self.gossip.set_me(replace(self.gossip.me, tokens=tokens))
             await self.elastic.wait_seen(Status.JOINING, tokens=tokens)
