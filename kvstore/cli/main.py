@@ -243,11 +243,13 @@ def run_client_command(args: argparse.Namespace) -> int:
 def _keys(kv: Any, args: argparse.Namespace) -> int:
     """Prints keys as the pages arrive (one per line; --json: one object per key), so a large
     listing streams instead of gathering in memory; a partial listing ends with exit 3."""
+    from kvstore.client.aio import LIST_PAGE
+
     if args.limit < 0:
         raise errors.InvalidArgument(f"--limit: {args.limit} is negative")
     cursor, printed, missing, total = args.after.encode(), 0, 0, 0
     while True:
-        want = min(1000, args.limit - printed) if args.limit else 0
+        want = min(LIST_PAGE, args.limit - printed) if args.limit else 0
         page = kv.list_keys_page(prefix=args.prefix.encode(), start_after=cursor, limit=want, replicas=args.replicas)
         missing, total = max(missing, page.missing_ranges), page.total_ranges
         for k in page.keys:

@@ -155,6 +155,22 @@ class Elastic:
 
     # ---- waiting for the cluster to see a status ----------------------------------------------
 
+    async def member_views(self) -> list[tuple[str, Any]]:
+        """Each other live member (ring status or joining) with its own view of the cluster (the
+        `status` call), None for one that did not answer."""
+        node = self.node
+        views: list[tuple[str, Any]] = []
+        for s in list(self._table().values()):
+            if s.node_id == node.node_id or s.status not in mb.RING_STATUSES | {Status.JOINING}:
+                continue
+            if not node.is_up(s.node_id):
+                continue
+            try:
+                views.append((s.node_id, await node.peer(s.node_id).call("status", None, node.config.replica_timeout_s)))
+            except KvError:
+                views.append((s.node_id, None))
+        return views
+
     async def wait_seen(self, status: Status, timeout_s: float = 30.0, tokens: tuple[int, ...] | None = None) -> None:
         """Until every live member's own view shows this node in `status` (so every coordinator
         sends writes for moving ranges to their new replicas before data starts to move), and
@@ -163,19 +179,14 @@ class Elastic:
         with trio.fail_after(timeout_s):
             while True:
                 lagging = []
-                for s in list(self._table().values()):
-                    if s.node_id == node.node_id or s.status not in mb.RING_STATUSES | {Status.JOINING}:
-                        continue
-                    if not node.is_up(s.node_id):
-                        continue
+                for node_id, view in await self.member_views():
                     try:
-                        view = await node.peer(s.node_id).call("status", None, node.config.replica_timeout_s)
                         mine = [m for m in view["members"] if m["node_id"] == node.node_id]
                         if not mine or mine[0]["status"] != status.value or (
                                 tokens is not None and mine[0].get("token_digest") != mb.token_digest(tokens)):
-                            lagging.append(s.node_id)
-                    except (KvError, KeyError, TypeError):
-                        lagging.append(s.node_id)
+                            lagging.append(node_id)
+                    except (KeyError, TypeError):  # no answer (None), or a malformed one
+                        lagging.append(node_id)
                 if not lagging:
                     return
                 await trio.sleep(node.config.gossip_interval_s)

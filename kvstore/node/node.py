@@ -286,17 +286,14 @@ class Node:
         heard from both joiners before this node heard from the other)."""
         assert self.gossip is not None
         mine = token_digest(self.gossip.me.tokens)
-        for s in list(self.gossip.table.values()):
-            if s.node_id == self.node_id or not self.is_up(s.node_id):
-                continue
+        for _, view in await self.elastic.member_views():
             try:
-                view = await self.peer(s.node_id).call("status", None, self.config.replica_timeout_s)
                 for m in view["members"]:
                     if (m["node_id"] < self.node_id and m["status"] in ("joining", "normal", "leaving")
                             and m.get("token_digest") == mine):
                         return str(m["node_id"])
-            except (KvError, KeyError, TypeError):
-                continue  # wait_seen has just heard from it; a miss here only skips this look
+            except (KeyError, TypeError):
+                continue  # no answer, or a malformed one: a miss here only skips this look
         return None
 
     async def _learn_cluster(self, whole: bool = False) -> None:
